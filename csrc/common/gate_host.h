@@ -1,0 +1,59 @@
+// Host-side work that every backend shares: input checks, defaults, canonical views,
+// output allocation and the kernel parameter structs. A backend's host function is then
+// plan -> (return early when empty) -> launch -> finish.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "common/gate_params.h"
+
+#include <optional>
+#include <tuple>
+
+namespace retrieval_attention {
+
+// float64 for float64 inputs, float32 otherwise: the dtype of a, stats and weight sums.
+c10::ScalarType acc_dtype(c10::ScalarType dtype);
+
+// torch.finfo(dtype).eps, as torch.nn.RMSNorm(eps=None) uses.
+double default_eps(c10::ScalarType dtype);
+
+// 1 / sqrt(D) unless given.
+double resolve_scale(std::optional<double> scale, int64_t D);
+
+struct GateForwardPlan {
+  at::Tensor o, a, stats;          // the op's outputs, in the caller's leading shape
+  at::Tensor h, k, v, w, mask;     // canonical inputs, kept alive until the launch ends
+  GateForwardParams params;
+  c10::ScalarType dtype;
+};
+
+// Checks every argument (the error names it), allocates the outputs and fills the params.
+GateForwardPlan plan_gate_forward(const at::Tensor& h, const at::Tensor& k, const at::Tensor& v,
+                                  const std::optional<at::Tensor>& w_q, const std::optional<at::Tensor>& w_k,
+                                  std::optional<double> eps, std::optional<double> scale, bool signed_sqrt,
+                                  double sqrt_clamp, bool residual, const std::optional<at::Tensor>& mask);
+
+struct GateBackwardPlan {
+  at::Tensor grad_h, grad_k, grad_v;
+  at::Tensor grad_w;               // [G, D] acc dtype, sum over tokens; undefined without weights
+  at::Tensor go, ga, h, k, v, w, mask, a, stats;
+  std::optional<at::Tensor> w_q, w_k;
+  GateBackwardParams params;
+  c10::ScalarType dtype;
+};
+
+GateBackwardPlan plan_gate_backward(const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_a,
+                                    const at::Tensor& h, const at::Tensor& k, const at::Tensor& v,
+                                    const std::optional<at::Tensor>& w_q, const std::optional<at::Tensor>& w_k,
+                                    const std::optional<at::Tensor>& mask, const at::Tensor& a,
+                                    const at::Tensor& stats, std::optional<double> scale, bool signed_sqrt, double sqrt_clamp,
+                                    bool residual);
+
+using GateGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The chain rule through the product weight w = w_q * w_k: dw_q = dW * w_k, dw_k = dW * w_q.
+// A weight given as None gets an empty [0] gradient.
+GateGrads finish_gate_backward(const GateBackwardPlan& plan);
+
+}  // namespace retrieval_attention

@@ -1,0 +1,89 @@
+// CPU host functions of the gate and their registration at the CPU key.
+#include <ATen/Version.h>
+#include <torch/library.h>
+
+#include "common/gate_host.h"
+#include "cpu/gate_cpu_kernels.h"
+#include "gate.h"
+
+#include <string>
+
+namespace retrieval_attention {
+namespace cpu {
+namespace {
+
+int capability_rank(const std::string& name) {
+  if (name == "AVX512") {
+    return 2;
+  }
+  return name == "AVX2" ? 1 : 0;
+}
+
+GateKernels select_kernels() {
+  // at::get_cpu_capability() is what ATen itself dispatches on (ATEN_CPU_CAPABILITY included).
+  const int allowed = capability_rank(at::get_cpu_capability());
+  GateKernels best = DEFAULT::gate_kernels();
+#ifdef RA_CPU_AVX2
+  if (allowed >= capability_rank("AVX2")) {
+    best = AVX2::gate_kernels();
+  }
+#endif
+#ifdef RA_CPU_AVX512
+  if (allowed >= capability_rank("AVX512")) {
+    best = AVX512::gate_kernels();
+  }
+#endif
+  (void)allowed;
+  return best;
+}
+
+}  // namespace
+
+const GateKernels& selected_gate_kernels() {
+  static const GateKernels kernels = select_kernels();
+  return kernels;
+}
+
+std::vector<std::string> compiled_capabilities() {
+  std::vector<std::string> caps{DEFAULT::gate_kernels().capability};
+#ifdef RA_CPU_AVX2
+  caps.emplace_back(AVX2::gate_kernels().capability);
+#endif
+#ifdef RA_CPU_AVX512
+  caps.emplace_back(AVX512::gate_kernels().capability);
+#endif
+  return caps;
+}
+
+}  // namespace cpu
+
+GateOutputs gate_forward_cpu(const at::Tensor& h, const at::Tensor& k, const at::Tensor& v,
+                             const std::optional<at::Tensor>& w_q, const std::optional<at::Tensor>& w_k,
+                             std::optional<double> eps, std::optional<double> scale, bool signed_sqrt,
+                             double sqrt_clamp, bool residual, const std::optional<at::Tensor>& mask) {
+  auto plan = plan_gate_forward(h, k, v, w_q, w_k, eps, scale, signed_sqrt, sqrt_clamp, residual, mask);
+  if (plan.params.N > 0) {
+    cpu::selected_gate_kernels().forward(plan.params, plan.dtype);
+  }
+  return {plan.o, plan.a, plan.stats};
+}
+
+GateGradients gate_backward_cpu(const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_a,
+                                const at::Tensor& h, const at::Tensor& k, const at::Tensor& v,
+                                const std::optional<at::Tensor>& w_q, const std::optional<at::Tensor>& w_k,
+                                const std::optional<at::Tensor>& mask, const at::Tensor& a, const at::Tensor& stats,
+                                std::optional<double> scale, bool signed_sqrt, double sqrt_clamp, bool residual) {
+  auto plan = plan_gate_backward(grad_o, grad_a, h, k, v, w_q, w_k, mask, a, stats, scale, signed_sqrt, sqrt_clamp,
+                                 residual);
+  if (plan.params.N > 0) {
+    cpu::selected_gate_kernels().backward(plan.params, plan.dtype);
+  }
+  return finish_gate_backward(plan);
+}
+
+}  // namespace retrieval_attention
+
+TORCH_LIBRARY_IMPL(retrieval_attention, CPU, m) {
+  m.impl("gate", &retrieval_attention::gate_forward_cpu);
+  m.impl("gate_backward", &retrieval_attention::gate_backward_cpu);
+}

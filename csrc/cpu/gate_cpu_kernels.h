@@ -1,0 +1,48 @@
+// The CPU kernels of the gate, compiled once per SIMD capability.
+//
+// csrc/cpu/kernels/*.cpp is built three times on x86-64 (DEFAULT, AVX2, AVX512), each
+// time with CPU_CAPABILITY naming the namespace and with that capability's compiler
+// flags, as ATen builds its own CPU kernels. The host picks one at run time from
+// at::get_cpu_capability(), which honours ATEN_CPU_CAPABILITY, so the library runs on
+// any x86-64 CPU and a test can force each variant.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include "common/gate_params.h"
+
+#include <string>
+#include <vector>
+
+namespace retrieval_attention::cpu {
+
+using GateForwardKernel = void (*)(const GateForwardParams&, c10::ScalarType);
+using GateBackwardKernel = void (*)(const GateBackwardParams&, c10::ScalarType);
+
+struct GateKernels {
+  GateForwardKernel forward;
+  GateBackwardKernel backward;
+  const char* capability;  // "DEFAULT", "AVX2" or "AVX512", as at::get_cpu_capability() spells it
+};
+
+namespace DEFAULT {
+GateKernels gate_kernels();
+}
+#ifdef RA_CPU_AVX2
+namespace AVX2 {
+GateKernels gate_kernels();
+}
+#endif
+#ifdef RA_CPU_AVX512
+namespace AVX512 {
+GateKernels gate_kernels();
+}
+#endif
+
+// The best compiled variant that this CPU and ATEN_CPU_CAPABILITY allow; chosen once.
+const GateKernels& selected_gate_kernels();
+
+// The variants compiled into this library, lowest first.
+std::vector<std::string> compiled_capabilities();
+
+}  // namespace retrieval_attention::cpu

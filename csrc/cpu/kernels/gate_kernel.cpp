@@ -1,0 +1,336 @@
+// CPU kernels of the gate: one SIMD pass per row for the statistics, one for the output;
+// the backward in two passes per token (dL/da, then every gradient at once).
+//
+// Compiled once per CPU capability (see gate_cpu_kernels.h); every name below lives in
+// the namespace CPU_CAPABILITY expands to. Only raw pointers cross this file's boundary.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/irange.h>
+
+#include "common/gate_math.h"
+#include "common/static_switch.h"
+#include "cpu/gate_cpu_kernels.h"
+
+#include <algorithm>
+#include <array>
+#include <type_traits>
+#include <vector>
+
+#ifndef CPU_CAPABILITY
+#error "gate_kernel.cpp is compiled once per capability with CPU_CAPABILITY defined"
+#endif
+
+namespace retrieval_attention::cpu::CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+// Rows of work per at::parallel_for task in the forward: enough elements to amortize a task.
+constexpr int64_t kForwardGrainElements = 1 << 15;
+// The backward's weight-gradient sum over tokens runs in chunks fixed by N alone (never by
+// the thread count), each chunk summing its tokens in order, then the chunks in order:
+// the result is bitwise the same for any number of threads.
+constexpr int64_t kMinTokensPerChunk = 16;
+constexpr int64_t kMaxWeightGradChunks = 64;
+
+// A chunk of kWidth elements of scalar_t held as acc_t vectors: float and double load
+// directly; float16 and bfloat16 are widened to float in registers.
+template <typename scalar_t>
+struct Lanes {
+  using acc_t = at::opmath_type<scalar_t>;
+  using AccVec = Vectorized<acc_t>;
+  static constexpr bool kReduced = !std::is_same_v<scalar_t, acc_t>;
+  static constexpr int kVecs = kReduced ? 2 : 1;
+  static constexpr int64_t kWidth = kVecs * AccVec::size();
+  using Chunk = std::array<AccVec, kVecs>;
+
+  static Chunk load(const scalar_t* p, int64_t count = kWidth) {
+    if constexpr (kReduced) {
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p, count));
+      return {lo, hi};
+    } else {
+      return {AccVec::loadu(p, count)};
+    }
+  }
+
+  // Loads acc_t data (the product weight, the weight-gradient partials) in the same shape.
+  static Chunk load_acc(const acc_t* p, int64_t count = kWidth) {
+    Chunk c;
+    for (const auto i : c10::irange(kVecs)) {
+      const int64_t n = std::clamp<int64_t>(count - i * AccVec::size(), 0, AccVec::size());
+      c[i] = AccVec::loadu(p + i * AccVec::size(), n);
+    }
+    return c;
+  }
+
+  static void store(scalar_t* p, const Chunk& c, int64_t count = kWidth) {
+    if constexpr (kReduced) {
+      at::vec::convert_from_float<scalar_t>(c[0], c[1]).store(p, count);
+    } else {
+      c[0].store(p, count);
+    }
+  }
+
+  static void store_acc(acc_t* p, const Chunk& c, int64_t count = kWidth) {
+    for (const auto i : c10::irange(kVecs)) {
+      const int64_t n = std::clamp<int64_t>(count - i * AccVec::size(), 0, AccVec::size());
+      if (n > 0) {
+        c[i].store(p + i * AccVec::size(), n);
+      }
+    }
+  }
+
+  static Chunk splat(acc_t x) {
+    Chunk c;
+    c.fill(AccVec(x));
+    return c;
+  }
+
+  static acc_t sum(const Chunk& c) {
+    AccVec t = c[0];
+    for (const auto i : c10::irange(1, kVecs)) {
+      t = t + c[i];
+    }
+    return at::vec::vec_reduce_all<acc_t>([](AccVec x, AccVec y) { return x + y; }, t);
+  }
+};
+
+// Calls body(offset, count) over [0, D) in chunks of W: full chunks, then one ragged tail.
+template <int64_t W, typename Body>
+inline void for_each_chunk(int64_t D, const Body& body) {
+  int64_t d = 0;
+  for (; d + W <= D; d += W) {
+    body(d, W);
+  }
+  if (d < D) {
+    body(d, D - d);
+  }
+}
+
+template <typename scalar_t, bool kHasWeight>
+RowSums<at::opmath_type<scalar_t>> row_sums(const scalar_t* h, const scalar_t* k,
+                                            const at::opmath_type<scalar_t>* w, int64_t D) {
+  using L = Lanes<scalar_t>;
+  typename L::Chunk hh = L::splat(0), kk = L::splat(0), hk = L::splat(0);
+  for_each_chunk<L::kWidth>(D, [&](int64_t d, int64_t n) {
+    const auto hv = L::load(h + d, n);
+    const auto kv = L::load(k + d, n);
+    [[maybe_unused]] typename L::Chunk wv;
+    if constexpr (kHasWeight) {
+      wv = L::load_acc(w + d, n);
+    }
+    for (const auto i : c10::irange(L::kVecs)) {
+      hh[i] = at::vec::fmadd(hv[i], hv[i], hh[i]);
+      kk[i] = at::vec::fmadd(kv[i], kv[i], kk[i]);
+      if constexpr (kHasWeight) {
+        hk[i] = at::vec::fmadd(hv[i] * wv[i], kv[i], hk[i]);
+      } else {
+        hk[i] = at::vec::fmadd(hv[i], kv[i], hk[i]);
+      }
+    }
+  });
+  return {L::sum(hh), L::sum(kk), L::sum(hk)};
+}
+
+template <typename scalar_t, bool kHasWeight, bool kResidual>
+void forward_impl(const GateForwardParams& p) {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  const int64_t G = p.G, D = p.D, NG = p.N * p.G;
+  const auto* h = static_cast<const scalar_t*>(p.h);
+  const auto* k = static_cast<const scalar_t*>(p.k);
+  const auto* v = static_cast<const scalar_t*>(p.v);
+  const auto* w = static_cast<const acc_t*>(p.w);
+  auto* o = static_cast<scalar_t*>(p.o);
+  auto* a_out = static_cast<acc_t*>(p.a);
+  auto* stats = static_cast<acc_t*>(p.stats);
+  const auto eps = static_cast<acc_t>(p.eps);
+  const auto scale = static_cast<acc_t>(p.scale);
+  const auto clamp = static_cast<acc_t>(p.sqrt_clamp);
+
+  const int64_t grain = std::max<int64_t>(1, kForwardGrainElements / (G * D));
+  at::parallel_for(0, p.N, grain, [&](int64_t begin, int64_t end) {
+    for (const auto n : c10::irange(begin, end)) {
+      const scalar_t* vn = v + n * p.v_stride_n;
+      const bool keep = p.mask == nullptr || p.mask[n];
+      for (const auto g : c10::irange(G)) {
+        const scalar_t* hr = h + n * p.h_stride_n + g * p.h_stride_g;
+        const scalar_t* kr = k + n * p.k_stride_n + g * p.k_stride_g;
+        const auto st = row_stats<acc_t>(row_sums<scalar_t, kHasWeight>(hr, kr, kHasWeight ? w + g * D : nullptr, D), D, eps, scale);
+        const acc_t a = gate_value<acc_t>(st.s, p.signed_sqrt, clamp, keep);
+        const int64_t row = n * G + g;
+        a_out[row] = a;
+        stats[kStatRq * NG + row] = st.r_q;
+        stats[kStatRk * NG + row] = st.r_k;
+        stats[kStatScore * NG + row] = st.s;
+
+        scalar_t* orow = o + row * D;
+        const typename L::AccVec av(a);
+        for_each_chunk<L::kWidth>(D, [&](int64_t d, int64_t cnt) {
+          auto out = L::load(vn + d, cnt);
+          [[maybe_unused]] typename L::Chunk hv;
+          if constexpr (kResidual) {
+            hv = L::load(hr + d, cnt);
+          }
+          for (const auto i : c10::irange(L::kVecs)) {
+            out[i] = av * out[i];
+            if constexpr (kResidual) {
+              out[i] = hv[i] + out[i];
+            }
+          }
+          L::store(orow + d, out, cnt);
+        });
+      }
+    }
+  });
+}
+
+// dL/da of one row: sum_d(go * v), plus the gradient that reaches a directly.
+template <typename scalar_t>
+at::opmath_type<scalar_t> row_dot(const scalar_t* x, const scalar_t* y, int64_t D) {
+  using L = Lanes<scalar_t>;
+  typename L::Chunk acc = L::splat(0);
+  for_each_chunk<L::kWidth>(D, [&](int64_t d, int64_t n) {
+    const auto xv = L::load(x + d, n);
+    const auto yv = L::load(y + d, n);
+    for (const auto i : c10::irange(L::kVecs)) {
+      acc[i] = at::vec::fmadd(xv[i], yv[i], acc[i]);
+    }
+  });
+  return L::sum(acc);
+}
+
+template <typename acc_t>
+struct RowBackward {
+  RowGradCoeffs<acc_t> c;
+  acc_t a;
+};
+
+template <typename scalar_t, bool kHasWeight, bool kResidual>
+void backward_impl(const GateBackwardParams& p) {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using Chunk = typename L::Chunk;
+  const int64_t N = p.N, G = p.G, D = p.D, NG = p.N * p.G;
+  const auto* go = static_cast<const scalar_t*>(p.grad_o);
+  const auto* ga = static_cast<const acc_t*>(p.grad_a);
+  const auto* h = static_cast<const scalar_t*>(p.h);
+  const auto* k = static_cast<const scalar_t*>(p.k);
+  const auto* v = static_cast<const scalar_t*>(p.v);
+  const auto* w = static_cast<const acc_t*>(p.w);
+  const auto* a_saved = static_cast<const acc_t*>(p.a);
+  const auto* stats = static_cast<const acc_t*>(p.stats);
+  auto* dh = static_cast<scalar_t*>(p.grad_h);
+  auto* dk = static_cast<scalar_t*>(p.grad_k);
+  auto* dv = static_cast<scalar_t*>(p.grad_v);
+  const auto scale = static_cast<acc_t>(p.scale);
+  const auto clamp = static_cast<acc_t>(p.sqrt_clamp);
+
+  const int64_t num_chunks = std::min(kMaxWeightGradChunks, (N + kMinTokensPerChunk - 1) / kMinTokensPerChunk);
+  const int64_t tokens_per_chunk = (N + num_chunks - 1) / num_chunks;
+  std::vector<acc_t> partials(kHasWeight ? num_chunks * G * D : 0, acc_t(0));
+
+  at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    std::vector<RowBackward<acc_t>> rows(G);
+    for (const auto chunk : c10::irange(chunk_begin, chunk_end)) {
+      acc_t* dw_part = kHasWeight ? partials.data() + chunk * G * D : nullptr;
+      const int64_t n_end = std::min(N, (chunk + 1) * tokens_per_chunk);
+      for (int64_t n = chunk * tokens_per_chunk; n < n_end; ++n) {
+        const scalar_t* vn = v + n * p.v_stride_n;
+        const bool keep = p.mask == nullptr || p.mask[n];
+        for (const auto g : c10::irange(G)) {
+          const int64_t row = n * G + g;
+          const RowStats<acc_t> st{stats[kStatRq * NG + row], stats[kStatRk * NG + row], stats[kStatScore * NG + row]};
+          const acc_t a = a_saved[row];
+          acc_t da = row_dot(go + n * p.go_stride_n + g * p.go_stride_g, vn, D);
+          if (ga != nullptr) {
+            da += ga[row];
+          }
+          const acc_t ds = score_grad<acc_t>(da, a, st.s, p.signed_sqrt, clamp, keep);
+          rows[g] = {row_grad_coeffs<acc_t>(st, ds, scale, D), a};
+        }
+
+        for_each_chunk<L::kWidth>(D, [&](int64_t d, int64_t cnt) {
+          Chunk dv_acc = L::splat(0);
+          for (const auto g : c10::irange(G)) {
+            const auto& rb = rows[g];
+            const auto gov = L::load(go + n * p.go_stride_n + g * p.go_stride_g + d, cnt);
+            const auto hv = L::load(h + n * p.h_stride_n + g * p.h_stride_g + d, cnt);
+            const auto kv = L::load(k + n * p.k_stride_n + g * p.k_stride_g + d, cnt);
+            [[maybe_unused]] Chunk wv, dwv;
+            if constexpr (kHasWeight) {
+              wv = L::load_acc(w + g * D + d, cnt);
+              dwv = L::load_acc(dw_part + g * D + d, cnt);
+            }
+            Chunk dhv, dkv;
+            const typename L::AccVec cross(rb.c.cross), self_q(rb.c.self_q), self_k(rb.c.self_k), av(rb.a);
+            for (const auto i : c10::irange(L::kVecs)) {
+              const auto kw = kHasWeight ? kv[i] * wv[i] : kv[i];
+              const auto hw = kHasWeight ? hv[i] * wv[i] : hv[i];
+              dhv[i] = cross * kw - self_q * hv[i];
+              dkv[i] = cross * hw - self_k * kv[i];
+              if constexpr (kResidual) {
+                dhv[i] = dhv[i] + gov[i];
+              }
+              if constexpr (kHasWeight) {
+                dwv[i] = at::vec::fmadd(cross * hv[i], kv[i], dwv[i]);
+              }
+              dv_acc[i] = at::vec::fmadd(av, gov[i], dv_acc[i]);
+            }
+            const int64_t out = (n * G + g) * D + d;
+            L::store(dh + out, dhv, cnt);
+            L::store(dk + out, dkv, cnt);
+            if constexpr (kHasWeight) {
+              L::store_acc(dw_part + g * D + d, dwv, cnt);
+            }
+          }
+          L::store(dv + n * D + d, dv_acc, cnt);
+        });
+      }
+    }
+  });
+
+  if constexpr (kHasWeight) {
+    auto* grad_w = static_cast<acc_t*>(p.grad_w);
+    const int64_t GD = G * D;
+    at::parallel_for(0, GD, 1 << 12, [&](int64_t begin, int64_t end) {
+      for (const auto i : c10::irange(begin, end)) {
+        acc_t total = 0;
+        for (const auto chunk : c10::irange(num_chunks)) {
+          total += partials[chunk * GD + i];
+        }
+        grad_w[i] = total;
+      }
+    });
+  }
+}
+
+void gate_forward(const GateForwardParams& p, c10::ScalarType dtype) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "retrieval_attention::gate (CPU)", [&] {
+    RA_BOOL_SWITCH(p.w != nullptr, kHasWeight, [&] {
+      RA_BOOL_SWITCH(p.residual, kResidual, [&] { forward_impl<scalar_t, kHasWeight, kResidual>(p); });
+    });
+  });
+}
+
+void gate_backward(const GateBackwardParams& p, c10::ScalarType dtype) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "retrieval_attention::gate_backward (CPU)", [&] {
+    RA_BOOL_SWITCH(p.w != nullptr, kHasWeight, [&] {
+      RA_BOOL_SWITCH(p.residual, kResidual, [&] { backward_impl<scalar_t, kHasWeight, kResidual>(p); });
+    });
+  });
+}
+
+#define RA_STRINGIFY_IMPL(x) #x
+#define RA_STRINGIFY(x) RA_STRINGIFY_IMPL(x)
+
+}  // namespace
+
+GateKernels gate_kernels() {
+  return {&gate_forward, &gate_backward, RA_STRINGIFY(CPU_CAPABILITY)};
+}
+
+}  // namespace retrieval_attention::cpu::CPU_CAPABILITY

@@ -1,0 +1,40 @@
+"""Retrieval attention with a sigmoid gate (DeepSeek's Engram), as fused PyTorch operators.
+
+``gate`` is the functional form, ``RetrievalGate`` the module, ``reference`` the plain
+PyTorch reference the tests and benchmarks compare against, and ``build_info()`` says
+what the compiled library holds.
+"""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  (loads libtorch before the extension that links it)
+
+from ._version import __version__
+
+try:
+    from . import _C
+except ImportError as error:  # pragma: no cover - only without a build
+    raise ImportError(
+        "retrieval_attention: the compiled extension retrieval_attention._C is not built or does not load "
+        f"({error}). Build it with `make build` in the repository (or `pip install --no-build-isolation .`); "
+        "it must be built against the torch that is imported, here torch "
+        f"{torch.__version__}."
+    ) from error
+
+from . import _ops, reference  # noqa: E402,F401  (_ops registers the fake kernels)
+from .functional import gate  # noqa: E402
+from .modules import RetrievalGate  # noqa: E402
+
+
+def build_info() -> dict[str, object]:
+    """What the compiled library holds.
+
+    Keys: ``version``, ``torch_version`` (the headers it was built against),
+    ``cpu_capabilities`` (SIMD variants compiled in), ``cpu_capability`` (the one this
+    process runs; set ``ATEN_CPU_CAPABILITY`` to lower it), ``cuda`` (kernels compiled
+    in), ``cuda_version`` and ``cuda_archs``.
+    """
+    return dict(_C.build_info())
+
+
+__all__ = ["RetrievalGate", "__version__", "build_info", "gate", "reference"]

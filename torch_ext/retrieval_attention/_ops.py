@@ -1,0 +1,60 @@
+"""Fake (meta) kernels of the operators, for torch.compile, torch.export and opcheck.
+
+The schemas live in csrc/ops.cpp and autograd at the Autograd key in
+csrc/autograd/; only the shape functions are Python. Outputs are contiguous, as the
+real kernels return them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_NUM_STATS = 3
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("retrieval_attention::gate")
+def _gate_fake(
+    h: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w_q: torch.Tensor | None = None,
+    w_k: torch.Tensor | None = None,
+    *,
+    eps: float | None = None,
+    scale: float | None = None,
+    signed_sqrt: bool = True,
+    sqrt_clamp: float = 1e-6,
+    residual: bool = False,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows = h.shape[:-1]
+    acc = _acc_dtype(h.dtype)
+    return h.new_empty(h.shape), h.new_empty(rows, dtype=acc), h.new_empty((_NUM_STATS, *rows), dtype=acc)
+
+
+@torch.library.register_fake("retrieval_attention::gate_backward")
+def _gate_backward_fake(
+    grad_o: torch.Tensor,
+    grad_a: torch.Tensor | None,
+    h: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w_q: torch.Tensor | None,
+    w_k: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    a: torch.Tensor,
+    stats: torch.Tensor,
+    *,
+    scale: float | None = None,
+    signed_sqrt: bool = True,
+    sqrt_clamp: float = 1e-6,
+    residual: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def weight_grad(w: torch.Tensor | None) -> torch.Tensor:
+        return h.new_empty((0,)) if w is None else w.new_empty(w.shape)
+
+    return h.new_empty(h.shape), k.new_empty(k.shape), v.new_empty(v.shape), weight_grad(w_q), weight_grad(w_k)

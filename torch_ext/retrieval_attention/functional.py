@@ -1,0 +1,60 @@
+"""The functional API: thin, typed wrappers over the registered operators."""
+
+from __future__ import annotations
+
+import torch
+
+
+def gate(
+    h: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w_q: torch.Tensor | None = None,
+    w_k: torch.Tensor | None = None,
+    *,
+    eps: float | None = None,
+    scale: float | None = None,
+    signed_sqrt: bool = True,
+    sqrt_clamp: float = 1e-6,
+    residual: bool = False,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sigmoid gate of retrieval attention (SPEC §2), fused into one kernel per direction.
+
+    For every row (..., g)::
+
+        s = scale * <RMSNorm(h; w_q), RMSNorm(k; w_k)>
+        a = sigmoid(sign(s) * sqrt(max(|s|, sqrt_clamp)))    (sigmoid(s) if not signed_sqrt)
+        o = a * v                                             (h + a * v with residual)
+
+    Args:
+        h: queries (hidden states), ``[..., G, D]``, float32, float64, float16 or bfloat16.
+        k: keys, ``[..., G, D]``, the dtype of ``h``.
+        v: value shared by the ``G`` branches, ``[..., D]``, the dtype of ``h``.
+        w_q: RMSNorm weight of the queries, ``[G, D]``, the dtype of ``h`` or float32; None for none.
+        w_k: RMSNorm weight of the keys, ``[G, D]``, the dtype of ``h`` or float32; None for none.
+        eps: RMSNorm epsilon; None means ``torch.finfo(h.dtype).eps``, as ``nn.RMSNorm``.
+        scale: score scale; None means ``1 / sqrt(D)``.
+        signed_sqrt: pass the score through ``sign(s) * sqrt(|s|)`` before the sigmoid.
+        sqrt_clamp: floor of ``|s|`` under the square root (its gradient is 0 below it).
+        residual: return ``h + a * v`` instead of ``a * v``.
+        mask: ``[...]`` bool; rows where it is False get ``a = 0`` and no gradient through the gate.
+
+    Returns:
+        ``(o, a)``: ``o`` ``[..., G, D]`` in the dtype of ``h``, and the gate ``a`` ``[..., G]`` in
+        float32 (float64 for float64 inputs). Both are differentiable.
+    """
+    o, a, _ = torch.ops.retrieval_attention.gate(
+        h,
+        k,
+        v,
+        w_q,
+        w_k,
+        eps=eps,
+        scale=scale,
+        signed_sqrt=signed_sqrt,
+        sqrt_clamp=sqrt_clamp,
+        residual=residual,
+        mask=mask,
+    )
+    return o, a
