@@ -67,12 +67,11 @@ $(CMAKE_BUILD)/CMakeCache.txt: $(ENV_STAMP) CMakeLists.txt
 	@dpkg -s googletest libgtest-dev >/dev/null 2>&1 || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq googletest libgtest-dev)
 	cmake -S . -B $(CMAKE_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release \
-		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" \
-		-DPython_EXECUTABLE="$$(realpath $(PY))"
+		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
 
 test-cpp: $(CMAKE_BUILD)/CMakeCache.txt
 	cmake --build $(CMAKE_BUILD) --parallel $(MAX_JOBS)
-	cd $(CMAKE_BUILD) && ctest --output-on-failure
+	cd $(CMAKE_BUILD) && ctest --output-on-failure --output-junit ctest.xml
 
 demo: build
 	$(RUN) examples/harry_potter.py
@@ -81,6 +80,8 @@ bench: build
 	$(RUN) benchmarks/bench_gate.py
 
 lint: $(ENV_STAMP)
+	@command -v clang-format >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang-format)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	clang-format --dry-run --Werror $$(find csrc tests/cpp -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')

@@ -59,8 +59,17 @@ CPU_CAPABILITY_FLAGS = {
     "DEFAULT": [],
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
     # GCC 12 warns inside its own avx512fintrin.h (_mm512_undefined_*): silence that, not our code.
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c", "-Wno-uninitialized",
-               "-Wno-maybe-uninitialized"],
+    "AVX512": [
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mavx2",
+        "-mfma",
+        "-mf16c",
+        "-Wno-uninitialized",
+        "-Wno-maybe-uninitialized",
+    ],
 }
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 

@@ -22,16 +22,16 @@ namespace retrieval_attention {
 using GateOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using GateGradients = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-#define RA_DECLARE_GATE_BACKEND(backend)                                                                        \
-  GateOutputs gate_forward_##backend(const at::Tensor& h, const at::Tensor& k, const at::Tensor& v,             \
-                                     const std::optional<at::Tensor>& w_q, const std::optional<at::Tensor>& w_k, \
-                                     std::optional<double> eps, std::optional<double> scale, bool signed_sqrt,  \
-                                     double sqrt_clamp, bool residual, const std::optional<at::Tensor>& mask);  \
-  GateGradients gate_backward_##backend(                                                                        \
-      const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_a, const at::Tensor& h,                   \
-      const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& w_q,                           \
-      const std::optional<at::Tensor>& w_k, const std::optional<at::Tensor>& mask, const at::Tensor& a,         \
-      const at::Tensor& stats, std::optional<double> scale, bool signed_sqrt, double sqrt_clamp, bool residual);
+#define RA_DECLARE_GATE_BACKEND(backend)                                                                           \
+  GateOutputs gate_forward_##backend(const at::Tensor& h, const at::Tensor& k, const at::Tensor& v,                \
+                                     const std::optional<at::Tensor>& w_q, const std::optional<at::Tensor>& w_k,   \
+                                     std::optional<double> eps, std::optional<double> scale, bool signed_sqrt,     \
+                                     double sqrt_clamp, bool residual, const std::optional<at::Tensor>& mask);     \
+  GateGradients gate_backward_##backend(                                                                           \
+      const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_a, const at::Tensor& h, const at::Tensor& k, \
+      const at::Tensor& v, const std::optional<at::Tensor>& w_q, const std::optional<at::Tensor>& w_k,             \
+      const std::optional<at::Tensor>& mask, const at::Tensor& a, const at::Tensor& stats,                         \
+      std::optional<double> scale, bool signed_sqrt, double sqrt_clamp, bool residual);
 
 RA_DECLARE_GATE_BACKEND(cpu)
 RA_DECLARE_GATE_BACKEND(cuda)

@@ -24,9 +24,8 @@ const c10::TypedOperatorHandle<GateForwardFn>& gate_op() {
 }
 
 const c10::TypedOperatorHandle<GateBackwardFn>& gate_backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("retrieval_attention::gate_backward", "")
-                             .typed<GateBackwardFn>();
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("retrieval_attention::gate_backward", "").typed<GateBackwardFn>();
   return op;
 }
 
@@ -34,9 +33,7 @@ std::optional<at::Tensor> to_optional(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
-at::Tensor or_undefined(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? *t : at::Tensor();
-}
+at::Tensor or_undefined(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
 
 class GateFunction : public torch::autograd::Function<GateFunction> {
  public:
@@ -69,10 +66,11 @@ class GateFunction : public torch::autograd::Function<GateFunction> {
     const auto& h = saved[0];
     const auto& scale = ctx->saved_data["scale"];
     auto [dh, dk, dv, dw_q, dw_k] = gate_backward_op().call(
-        grad_o.defined() ? grad_o : at::zeros_like(h, at::MemoryFormat::Contiguous), to_optional(grad_a), h,
-        saved[1], saved[2], to_optional(saved[3]), to_optional(saved[4]), to_optional(saved[5]), saved[6], saved[7],
-        scale.isNone() ? std::nullopt : std::optional<double>(scale.toDouble()), ctx->saved_data["signed_sqrt"].toBool(),
-        ctx->saved_data["sqrt_clamp"].toDouble(), ctx->saved_data["residual"].toBool());
+        grad_o.defined() ? grad_o : at::zeros_like(h, at::MemoryFormat::Contiguous), to_optional(grad_a), h, saved[1],
+        saved[2], to_optional(saved[3]), to_optional(saved[4]), to_optional(saved[5]), saved[6], saved[7],
+        scale.isNone() ? std::nullopt : std::optional<double>(scale.toDouble()),
+        ctx->saved_data["signed_sqrt"].toBool(), ctx->saved_data["sqrt_clamp"].toDouble(),
+        ctx->saved_data["residual"].toBool());
     result[0] = dh;
     result[1] = dk;
     result[2] = dv;

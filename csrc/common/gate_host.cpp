@@ -24,13 +24,13 @@ bool is_supported_dtype(c10::ScalarType t) {
 void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& h, at::IntArrayRef shape) {
   TORCH_CHECK_TYPE(t.scalar_type() == h.scalar_type(), op, ": expected `", name, "` to have the dtype of `h` (",
                    h.scalar_type(), "), but got ", t.scalar_type());
-  TORCH_CHECK(t.device() == h.device(), op, ": expected `", name, "` on the device of `h` (", h.device(),
-              "), but got ", t.device());
+  TORCH_CHECK(t.device() == h.device(), op, ": expected `", name, "` on the device of `h` (", h.device(), "), but got ",
+              t.device());
   TORCH_CHECK_VALUE(t.sizes() == shape, op, ": expected `", name, "` of shape ", shape, ", but got ", t.sizes());
 }
 
-void check_weight(const char* op, const char* name, const std::optional<at::Tensor>& w, const at::Tensor& h,
-                  int64_t G, int64_t D) {
+void check_weight(const char* op, const char* name, const std::optional<at::Tensor>& w, const at::Tensor& h, int64_t G,
+                  int64_t D) {
   if (!w.has_value()) {
     return;
   }
@@ -73,8 +73,8 @@ Shape check_inputs(const char* op, const at::Tensor& h, const at::Tensor& k, con
   if (mask.has_value()) {
     TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, op, ": expected `mask` of dtype bool, but got ",
                      mask->scalar_type());
-    TORCH_CHECK(mask->device() == h.device(), op, ": expected `mask` on the device of `h` (", h.device(),
-                "), but got ", mask->device());
+    TORCH_CHECK(mask->device() == h.device(), op, ": expected `mask` on the device of `h` (", h.device(), "), but got ",
+                mask->device());
     TORCH_CHECK_VALUE(mask->sizes() == at::IntArrayRef(s.lead), op, ": expected `mask` of shape ",
                       at::IntArrayRef(s.lead), " (the leading dims of `h`), but got ", mask->sizes());
   }
@@ -121,14 +121,11 @@ std::vector<int64_t> with_prefix(int64_t first, const std::vector<int64_t>& rest
 
 }  // namespace
 
-c10::ScalarType acc_dtype(c10::ScalarType dtype) {
-  return dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
+c10::ScalarType acc_dtype(c10::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 
 double default_eps(c10::ScalarType dtype) {
-  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "default_eps", [&] {
-    return static_cast<double>(std::numeric_limits<scalar_t>::epsilon());
-  });
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "default_eps",
+                                         [&] { return static_cast<double>(std::numeric_limits<scalar_t>::epsilon()); });
 }
 
 double resolve_scale(std::optional<double> scale, int64_t D) {
@@ -187,9 +184,8 @@ GateForwardPlan plan_gate_forward(const at::Tensor& h, const at::Tensor& k, cons
 GateBackwardPlan plan_gate_backward(const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_a,
                                     const at::Tensor& h, const at::Tensor& k, const at::Tensor& v,
                                     const std::optional<at::Tensor>& w_q, const std::optional<at::Tensor>& w_k,
-                                    const std::optional<at::Tensor>& mask, const at::Tensor& a,
-                                    const at::Tensor& stats, std::optional<double> scale, bool signed_sqrt, double sqrt_clamp,
-                                    bool residual) {
+                                    const std::optional<at::Tensor>& mask, const at::Tensor& a, const at::Tensor& stats,
+                                    std::optional<double> scale, bool signed_sqrt, double sqrt_clamp, bool residual) {
   const Shape s = check_inputs(kBackwardOp, h, k, v, w_q, w_k, mask);
   check_like(kBackwardOp, "grad_o", grad_o, h, h.sizes());
   const auto acc = acc_dtype(h.scalar_type());
@@ -257,6 +253,8 @@ GateBackwardPlan plan_gate_backward(const at::Tensor& grad_o, const std::optiona
   p.grad_k = plan.grad_k.data_ptr();
   p.grad_v = plan.grad_v.data_ptr();
   p.grad_w = plan.grad_w.defined() ? plan.grad_w.data_ptr() : nullptr;
+  p.grad_w_partials = nullptr;
+  p.num_partials = 0;
   p.scale = scale_value;
   p.sqrt_clamp = sqrt_clamp;
   p.signed_sqrt = signed_sqrt;

@@ -22,8 +22,8 @@ double default_eps(c10::ScalarType dtype);
 double resolve_scale(std::optional<double> scale, int64_t D);
 
 struct GateForwardPlan {
-  at::Tensor o, a, stats;          // the op's outputs, in the caller's leading shape
-  at::Tensor h, k, v, w, mask;     // canonical inputs, kept alive until the launch ends
+  at::Tensor o, a, stats;       // the op's outputs, in the caller's leading shape
+  at::Tensor h, k, v, w, mask;  // canonical inputs, kept alive until the launch ends
   GateForwardParams params;
   c10::ScalarType dtype;
 };
@@ -36,7 +36,7 @@ GateForwardPlan plan_gate_forward(const at::Tensor& h, const at::Tensor& k, cons
 
 struct GateBackwardPlan {
   at::Tensor grad_h, grad_k, grad_v;
-  at::Tensor grad_w;               // [G, D] acc dtype, sum over tokens; undefined without weights
+  at::Tensor grad_w;  // [G, D] acc dtype, sum over tokens; undefined without weights
   at::Tensor go, ga, h, k, v, w, mask, a, stats;
   std::optional<at::Tensor> w_q, w_k;
   GateBackwardParams params;
@@ -46,9 +46,8 @@ struct GateBackwardPlan {
 GateBackwardPlan plan_gate_backward(const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_a,
                                     const at::Tensor& h, const at::Tensor& k, const at::Tensor& v,
                                     const std::optional<at::Tensor>& w_q, const std::optional<at::Tensor>& w_k,
-                                    const std::optional<at::Tensor>& mask, const at::Tensor& a,
-                                    const at::Tensor& stats, std::optional<double> scale, bool signed_sqrt, double sqrt_clamp,
-                                    bool residual);
+                                    const std::optional<at::Tensor>& mask, const at::Tensor& a, const at::Tensor& stats,
+                                    std::optional<double> scale, bool signed_sqrt, double sqrt_clamp, bool residual);
 
 using GateGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 

@@ -96,7 +96,8 @@ struct RowGradCoeffs {
 };
 
 template <typename acc_t>
-C10_HOST_DEVICE inline RowGradCoeffs<acc_t> row_grad_coeffs(const RowStats<acc_t>& st, acc_t ds, acc_t scale, int64_t D) {
+C10_HOST_DEVICE inline RowGradCoeffs<acc_t> row_grad_coeffs(const RowStats<acc_t>& st, acc_t ds, acc_t scale,
+                                                            int64_t D) {
   RowGradCoeffs<acc_t> c;
   const acc_t ds_s_over_d = ds * st.s / static_cast<acc_t>(D);
   c.cross = ds * scale * st.r_q * st.r_k;

@@ -18,15 +18,15 @@ struct GateForwardParams {
   const void* h;
   const void* k;
   const void* v;
-  const void* w;       // product weight w_q * w_k, [G, D] contiguous, acc dtype; nullptr means 1
-  const bool* mask;    // [N] contiguous; nullptr means every row is kept
+  const void* w;     // product weight w_q * w_k, [G, D] contiguous, acc dtype; nullptr means 1
+  const bool* mask;  // [N] contiguous; nullptr means every row is kept
   int64_t h_stride_n, h_stride_g;
   int64_t k_stride_n, k_stride_g;
   int64_t v_stride_n;
 
-  void* o;             // [N, G, D] contiguous, dtype of h
-  void* a;             // [N, G] contiguous, acc dtype
-  void* stats;         // [kNumStats, N, G] contiguous, acc dtype
+  void* o;      // [N, G, D] contiguous, dtype of h
+  void* a;      // [N, G] contiguous, acc dtype
+  void* stats;  // [kNumStats, N, G] contiguous, acc dtype
 
   double eps;
   double scale;
@@ -45,17 +45,19 @@ struct GateBackwardParams {
   const void* v;
   const void* w;
   const bool* mask;
-  const void* a;       // [N, G] contiguous, acc dtype: the forward's gate
-  const void* stats;   // [kNumStats, N, G] contiguous, acc dtype
+  const void* a;      // [N, G] contiguous, acc dtype: the forward's gate
+  const void* stats;  // [kNumStats, N, G] contiguous, acc dtype
   int64_t go_stride_n, go_stride_g;
   int64_t h_stride_n, h_stride_g;
   int64_t k_stride_n, k_stride_g;
   int64_t v_stride_n;
 
-  void* grad_h;        // [N, G, D] contiguous, dtype of h
-  void* grad_k;        // [N, G, D] contiguous
-  void* grad_v;        // [N, D] contiguous
-  void* grad_w;        // [G, D] contiguous, acc dtype: sum_n(ds * scale * x_q * x_k); nullptr: not wanted
+  void* grad_h;           // [N, G, D] contiguous, dtype of h
+  void* grad_k;           // [N, G, D] contiguous
+  void* grad_v;           // [N, D] contiguous
+  void* grad_w;           // [G, D] contiguous, acc dtype: sum_n(ds * scale * x_q * x_k); nullptr: not wanted
+  void* grad_w_partials;  // [num_partials, G, D] acc dtype scratch, allocated by the backend's host code
+  int64_t num_partials;
 
   double scale;
   double sqrt_clamp;

@@ -1,4 +1,5 @@
 // CPU host functions of the gate and their registration at the CPU key.
+#include <ATen/Functions.h>
 #include <ATen/Version.h>
 #include <torch/library.h>
 
@@ -68,14 +69,20 @@ GateOutputs gate_forward_cpu(const at::Tensor& h, const at::Tensor& k, const at:
   return {plan.o, plan.a, plan.stats};
 }
 
-GateGradients gate_backward_cpu(const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_a,
-                                const at::Tensor& h, const at::Tensor& k, const at::Tensor& v,
-                                const std::optional<at::Tensor>& w_q, const std::optional<at::Tensor>& w_k,
-                                const std::optional<at::Tensor>& mask, const at::Tensor& a, const at::Tensor& stats,
-                                std::optional<double> scale, bool signed_sqrt, double sqrt_clamp, bool residual) {
-  auto plan = plan_gate_backward(grad_o, grad_a, h, k, v, w_q, w_k, mask, a, stats, scale, signed_sqrt, sqrt_clamp,
-                                 residual);
+GateGradients gate_backward_cpu(const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_a, const at::Tensor& h,
+                                const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& w_q,
+                                const std::optional<at::Tensor>& w_k, const std::optional<at::Tensor>& mask,
+                                const at::Tensor& a, const at::Tensor& stats, std::optional<double> scale,
+                                bool signed_sqrt, double sqrt_clamp, bool residual) {
+  auto plan =
+      plan_gate_backward(grad_o, grad_a, h, k, v, w_q, w_k, mask, a, stats, scale, signed_sqrt, sqrt_clamp, residual);
   if (plan.params.N > 0) {
+    at::Tensor partials;
+    if (plan.grad_w.defined()) {
+      plan.params.num_partials = cpu::weight_grad_chunks(plan.params.N);
+      partials = at::empty({plan.params.num_partials, plan.params.G, plan.params.D}, plan.grad_w.options());
+      plan.params.grad_w_partials = partials.data_ptr();
+    }
     cpu::selected_gate_kernels().backward(plan.params, plan.dtype);
   }
   return finish_gate_backward(plan);

@@ -16,6 +16,17 @@
 
 namespace retrieval_attention::cpu {
 
+// The backward's weight-gradient sum over tokens runs in chunks fixed by N alone (never by
+// the thread count), each chunk summing its tokens in order, then the chunks in order:
+// the result is bitwise the same for any number of threads.
+constexpr int64_t kMinTokensPerChunk = 16;
+constexpr int64_t kMaxWeightGradChunks = 64;
+
+inline int64_t weight_grad_chunks(int64_t N) {
+  const int64_t chunks = (N + kMinTokensPerChunk - 1) / kMinTokensPerChunk;
+  return chunks < kMaxWeightGradChunks ? chunks : kMaxWeightGradChunks;
+}
+
 using GateForwardKernel = void (*)(const GateForwardParams&, c10::ScalarType);
 using GateBackwardKernel = void (*)(const GateBackwardParams&, c10::ScalarType);
 

@@ -7,7 +7,7 @@ what the compiled library holds.
 
 from __future__ import annotations
 
-import torch  # noqa: F401  (loads libtorch before the extension that links it)
+import torch
 
 from ._version import __version__
 
@@ -21,9 +21,9 @@ except ImportError as error:  # pragma: no cover - only without a build
         f"{torch.__version__}."
     ) from error
 
-from . import _ops, reference  # noqa: E402,F401  (_ops registers the fake kernels)
-from .functional import gate  # noqa: E402
-from .modules import RetrievalGate  # noqa: E402
+from . import _ops, reference  # noqa: F401  (_ops registers the fake kernels)
+from .functional import gate
+from .modules import RetrievalGate
 
 
 def build_info() -> dict[str, object]:

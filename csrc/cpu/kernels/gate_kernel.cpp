@@ -19,6 +19,10 @@
 #include <type_traits>
 #include <vector>
 
+// No std:: container of a plain type (std::vector<float>) may be instantiated here: its
+// out-of-line copies would be compiled with this capability's instructions and the linker
+// could keep them for every caller. Scratch memory comes from the host (tests/test_build.py).
+
 #ifndef CPU_CAPABILITY
 #error "gate_kernel.cpp is compiled once per capability with CPU_CAPABILITY defined"
 #endif
@@ -30,11 +34,6 @@ using at::vec::Vectorized;
 
 // Rows of work per at::parallel_for task in the forward: enough elements to amortize a task.
 constexpr int64_t kForwardGrainElements = 1 << 15;
-// The backward's weight-gradient sum over tokens runs in chunks fixed by N alone (never by
-// the thread count), each chunk summing its tokens in order, then the chunks in order:
-// the result is bitwise the same for any number of threads.
-constexpr int64_t kMinTokensPerChunk = 16;
-constexpr int64_t kMaxWeightGradChunks = 64;
 
 // A chunk of kWidth elements of scalar_t held as acc_t vectors: float and double load
 // directly; float16 and bfloat16 are widened to float in registers.
@@ -111,8 +110,8 @@ inline void for_each_chunk(int64_t D, const Body& body) {
 }
 
 template <typename scalar_t, bool kHasWeight>
-RowSums<at::opmath_type<scalar_t>> row_sums(const scalar_t* h, const scalar_t* k,
-                                            const at::opmath_type<scalar_t>* w, int64_t D) {
+RowSums<at::opmath_type<scalar_t>> row_sums(const scalar_t* h, const scalar_t* k, const at::opmath_type<scalar_t>* w,
+                                            int64_t D) {
   using L = Lanes<scalar_t>;
   typename L::Chunk hh = L::splat(0), kk = L::splat(0), hk = L::splat(0);
   for_each_chunk<L::kWidth>(D, [&](int64_t d, int64_t n) {
@@ -159,7 +158,8 @@ void forward_impl(const GateForwardParams& p) {
       for (const auto g : c10::irange(G)) {
         const scalar_t* hr = h + n * p.h_stride_n + g * p.h_stride_g;
         const scalar_t* kr = k + n * p.k_stride_n + g * p.k_stride_g;
-        const auto st = row_stats<acc_t>(row_sums<scalar_t, kHasWeight>(hr, kr, kHasWeight ? w + g * D : nullptr, D), D, eps, scale);
+        const auto st = row_stats<acc_t>(row_sums<scalar_t, kHasWeight>(hr, kr, kHasWeight ? w + g * D : nullptr, D), D,
+                                         eps, scale);
         const acc_t a = gate_value<acc_t>(st.s, p.signed_sqrt, clamp, keep);
         const int64_t row = n * G + g;
         a_out[row] = a;
@@ -229,14 +229,20 @@ void backward_impl(const GateBackwardParams& p) {
   const auto scale = static_cast<acc_t>(p.scale);
   const auto clamp = static_cast<acc_t>(p.sqrt_clamp);
 
-  const int64_t num_chunks = std::min(kMaxWeightGradChunks, (N + kMinTokensPerChunk - 1) / kMinTokensPerChunk);
+  const int64_t num_chunks = weight_grad_chunks(N);
   const int64_t tokens_per_chunk = (N + num_chunks - 1) / num_chunks;
-  std::vector<acc_t> partials(kHasWeight ? num_chunks * G * D : 0, acc_t(0));
+  auto* partials = static_cast<acc_t*>(p.grad_w_partials);
+  TORCH_INTERNAL_ASSERT(!kHasWeight || (partials != nullptr && p.num_partials == num_chunks));
 
   at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     std::vector<RowBackward<acc_t>> rows(G);
     for (const auto chunk : c10::irange(chunk_begin, chunk_end)) {
-      acc_t* dw_part = kHasWeight ? partials.data() + chunk * G * D : nullptr;
+      acc_t* dw_part = kHasWeight ? partials + chunk * G * D : nullptr;
+      if constexpr (kHasWeight) {
+        for (const auto i : c10::irange(G * D)) {
+          dw_part[i] = acc_t(0);
+        }
+      }
       const int64_t n_end = std::min(N, (chunk + 1) * tokens_per_chunk);
       for (int64_t n = chunk * tokens_per_chunk; n < n_end; ++n) {
         const scalar_t* vn = v + n * p.v_stride_n;
@@ -329,8 +335,6 @@ void gate_backward(const GateBackwardParams& p, c10::ScalarType dtype) {
 
 }  // namespace
 
-GateKernels gate_kernels() {
-  return {&gate_forward, &gate_backward, RA_STRINGIFY(CPU_CAPABILITY)};
-}
+GateKernels gate_kernels() { return {&gate_forward, &gate_backward, RA_STRINGIFY(CPU_CAPABILITY)}; }
 
 }  // namespace retrieval_attention::cpu::CPU_CAPABILITY
