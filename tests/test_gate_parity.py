@@ -52,6 +52,27 @@ def test_options(device: str, dtype: torch.dtype, option: str) -> None:
     check_against_reference(dataclasses.replace(Case((6,), 3, 77, dtype=dtype, device=device), **OPTIONS[option]))
 
 
+# Options together, where one path could undo another (a fused projection with a mask and a
+# residual, one weight in float32, strided rows without weights, ...).
+COMBINATIONS = [
+    {"layout": "fused_kv", "residual": True, "mask": True, "weights": "none"},
+    {"layout": "fused_kv", "weights": "float32", "signed_sqrt": False},
+    {"layout": "strided", "residual": True, "weights": "q", "grad_a": False},
+    {"layout": "strided", "mask": True, "scale": 2.0, "eps": 0.0},
+    {"layout": "inner_strided", "weights": "k", "residual": True, "grad_o": False},
+    {"layout": "inner_strided", "mask": True, "weights": "float32", "eps": 0.5},
+    {"weights": "none", "signed_sqrt": False, "residual": True, "mask": True},
+    {"weights": "float32", "residual": True, "mask": True, "scale": 0.05},
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("combination", range(len(COMBINATIONS)))
+def test_option_combinations(device: str, dtype: torch.dtype, combination: int) -> None:
+    check_against_reference(Case((3, 5), 2, 45, dtype=dtype, device=device, **COMBINATIONS[combination]))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_large_rows_bfloat16(device: str) -> None:
     """Engram-sized rows: D = 2560 (Engram-27B's hidden size) with four branches."""

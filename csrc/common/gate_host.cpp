@@ -119,6 +119,24 @@ std::vector<int64_t> with_prefix(int64_t first, const std::vector<int64_t>& rest
   return out;
 }
 
+// Sizes, the inputs both directions read, and their row strides.
+template <typename Params, typename Plan>
+void set_inputs(Params& p, const Shape& s, const Plan& plan) {
+  p.N = s.N;
+  p.G = s.G;
+  p.D = s.D;
+  p.h = plan.h.data_ptr();
+  p.k = plan.k.data_ptr();
+  p.v = plan.v.data_ptr();
+  p.w = plan.w.defined() ? plan.w.data_ptr() : nullptr;
+  p.mask = plan.mask.defined() ? plan.mask.template data_ptr<bool>() : nullptr;
+  p.h_stride_n = plan.h.stride(0);
+  p.h_stride_g = plan.h.stride(1);
+  p.k_stride_n = plan.k.stride(0);
+  p.k_stride_g = plan.k.stride(1);
+  p.v_stride_n = plan.v.stride(0);
+}
+
 }  // namespace
 
 c10::ScalarType acc_dtype(c10::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
@@ -157,19 +175,7 @@ GateForwardPlan plan_gate_forward(const at::Tensor& h, const at::Tensor& k, cons
   plan.stats = at::empty(with_prefix(kNumStats, s.lead, s.G), h.options().dtype(acc));
 
   auto& p = plan.params;
-  p.N = s.N;
-  p.G = s.G;
-  p.D = s.D;
-  p.h = plan.h.data_ptr();
-  p.k = plan.k.data_ptr();
-  p.v = plan.v.data_ptr();
-  p.w = plan.w.defined() ? plan.w.data_ptr() : nullptr;
-  p.mask = plan.mask.defined() ? plan.mask.data_ptr<bool>() : nullptr;
-  p.h_stride_n = plan.h.stride(0);
-  p.h_stride_g = plan.h.stride(1);
-  p.k_stride_n = plan.k.stride(0);
-  p.k_stride_g = plan.k.stride(1);
-  p.v_stride_n = plan.v.stride(0);
+  set_inputs(p, s, plan);
   p.o = plan.o.data_ptr();
   p.a = plan.a.data_ptr();
   p.stats = plan.stats.data_ptr();
@@ -230,25 +236,13 @@ GateBackwardPlan plan_gate_backward(const at::Tensor& grad_o, const std::optiona
   }
 
   auto& p = plan.params;
-  p.N = s.N;
-  p.G = s.G;
-  p.D = s.D;
+  set_inputs(p, s, plan);
   p.grad_o = plan.go.data_ptr();
   p.grad_a = plan.ga.defined() ? plan.ga.data_ptr() : nullptr;
-  p.h = plan.h.data_ptr();
-  p.k = plan.k.data_ptr();
-  p.v = plan.v.data_ptr();
-  p.w = plan.w.defined() ? plan.w.data_ptr() : nullptr;
-  p.mask = plan.mask.defined() ? plan.mask.data_ptr<bool>() : nullptr;
   p.a = plan.a.data_ptr();
   p.stats = plan.stats.data_ptr();
   p.go_stride_n = plan.go.stride(0);
   p.go_stride_g = plan.go.stride(1);
-  p.h_stride_n = plan.h.stride(0);
-  p.h_stride_g = plan.h.stride(1);
-  p.k_stride_n = plan.k.stride(0);
-  p.k_stride_g = plan.k.stride(1);
-  p.v_stride_n = plan.v.stride(0);
   p.grad_h = plan.grad_h.data_ptr();
   p.grad_k = plan.grad_k.data_ptr();
   p.grad_v = plan.grad_v.data_ptr();
