@@ -12,6 +12,6 @@ TORCH_LIBRARY(retrieval_attention, m) {
   // A weight given as None gets an empty [0] gradient.
   m.def(
       "gate_backward(Tensor grad_o, Tensor? grad_a, Tensor h, Tensor k, Tensor v, Tensor? w_q, Tensor? w_k, "
-      "Tensor? mask, Tensor a, Tensor stats, *, float? scale=None, bool signed_sqrt, float sqrt_clamp, "
-      "bool residual) -> (Tensor grad_h, Tensor grad_k, Tensor grad_v, Tensor grad_w_q, Tensor grad_w_k)");
+      "Tensor? mask, Tensor a, Tensor stats, *, float? scale=None, bool signed_sqrt=True, float sqrt_clamp=1e-06, "
+      "bool residual=False) -> (Tensor grad_h, Tensor grad_k, Tensor grad_v, Tensor grad_w_q, Tensor grad_w_k)");
 }
