@@ -32,6 +32,17 @@ def test_build_info() -> None:
     assert bool(info["cuda_archs"]) == info["cuda"]
 
 
+def test_missing_extension_says_how_to_build(tmp_path: Path) -> None:
+    """The package without its compiled library: the import error tells how to build it."""
+    package = Path(retrieval_attention.__file__).parent
+    shutil.copytree(package, tmp_path / "retrieval_attention", ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    script = "import retrieval_attention"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "ImportError" in result.stderr and "make build" in result.stderr, result.stderr
+
+
 def _supported(capability: str) -> bool:
     best = torch.backends.cpu.get_cpu_capability()
     best = best if best in CAPABILITY_ORDER else "DEFAULT"
