@@ -122,13 +122,17 @@ def make_extension():
     macros += [(f"RA_CPU_{cap}", None) for cap in cpu_capabilities() if cap != "DEFAULT"]
     if cuda:
         macros.append(("RA_WITH_CUDA", None))
+    # at::parallel_for is inline and runs serially unless the caller is compiled with OpenMP;
+    # the libgomp it links is the one torch has already loaded.
+    openmp = ["-fopenmp"]
     extension = CUDAExtension if cuda else CppExtension
     return extension(
         name="retrieval_attention._C",
         sources=rel(sources),
         include_dirs=[str(CSRC)],
         define_macros=macros,
-        extra_compile_args={"cxx": [*opt, "-Wall", "-Wno-unknown-pragmas"], "nvcc": [*opt, "-lineinfo"]},
+        extra_compile_args={"cxx": [*opt, *openmp, "-Wall", "-Wno-unknown-pragmas"], "nvcc": [*opt, "-lineinfo"]},
+        extra_link_args=openmp,
         depends=rel([*CSRC.rglob("*.h"), *CSRC.rglob("*.cuh"), *ISA_DIR.glob("*.cpp")]),
     )
 
