@@ -3,11 +3,12 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(retrieval_attention, m) {
-  // SPEC §2: returns (o, a, stats); stats [3, ..., G] are the r_q, r_k, s the backward reads.
+  // SPEC §2: returns (o, a, stats); stats [3, ..., G] are the r_q, r_k, s the backward reads,
+  // or an empty [0] with save_stats=False (inference: nothing is written for a backward).
   m.def(
       "gate(Tensor h, Tensor k, Tensor v, Tensor? w_q=None, Tensor? w_k=None, *, float? eps=None, "
       "float? scale=None, bool signed_sqrt=True, float sqrt_clamp=1e-06, bool residual=False, "
-      "Tensor? mask=None) -> (Tensor o, Tensor a, Tensor stats)");
+      "Tensor? mask=None, bool save_stats=True) -> (Tensor o, Tensor a, Tensor stats)");
   // The gradients of gate; grad_a is the gradient reaching a directly (None: zero).
   // A weight given as None gets an empty [0] gradient.
   m.def(

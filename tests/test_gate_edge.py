@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import retrieval_attention
 from retrieval_attention import reference
@@ -123,6 +124,46 @@ def test_inference_mode_and_no_grad() -> None:
         assert torch.equal(x, y)
         assert torch.equal(x, z)
         assert not z.requires_grad
+
+
+class _RecordSaveStats(TorchDispatchMode):
+    """Records the save_stats argument of each gate call that reaches the kernels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[bool] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.retrieval_attention.gate.default:
+            self.calls.append(kwargs.get("save_stats", True))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inference_writes_no_statistics(device: str) -> None:
+    """Without grad nothing is saved for a backward: the kernels get save_stats=False and write no stats."""
+    N, G, D = 6, 2, 24
+    h, k, v = _leaf(N, G, D, device=device), _leaf(N, G, D, device=device), _leaf(N, D, device=device)
+    with torch.no_grad():
+        o, a, stats = torch.ops.retrieval_attention.gate(h, k, v)
+        o_inf, a_inf, none = torch.ops.retrieval_attention.gate(h, k, v, save_stats=False)
+    assert stats.shape == (3, N, G) and none.shape == (0,)
+    assert torch.equal(o, o_inf) and torch.equal(a, a_inf)
+
+    recorder = _RecordSaveStats()
+    with recorder:
+        retrieval_attention.gate(h, k, v)  # trains: the statistics are saved
+        with torch.no_grad():
+            retrieval_attention.gate(h, k, v)
+        retrieval_attention.gate(h.detach(), k.detach(), v.detach())
+    assert recorder.calls == [True, False, False]
+
+
+def test_save_stats_false_with_grad_is_an_error() -> None:
+    h, k, v = _leaf(3, 1, 8), _leaf(3, 1, 8), _leaf(3, 8)
+    with pytest.raises(ValueError, match="`save_stats`"):
+        torch.ops.retrieval_attention.gate(h, k, v, save_stats=False)
 
 
 @pytest.mark.parametrize("device", DEVICES)

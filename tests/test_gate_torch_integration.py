@@ -47,6 +47,12 @@ def test_opcheck_gate(device: str, config: str) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_gate_inference(device: str) -> None:
+    args, kwargs = _inputs(CONFIGS["residual_mask"], 6, 3, 20, torch.float32, device, requires_grad=False)
+    torch.library.opcheck(torch.ops.retrieval_attention.gate.default, args, {**kwargs, "save_stats": False})
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_opcheck_gate_backward(device: str, config: str) -> None:
     args, kwargs = _inputs(CONFIGS[config], 6, 3, 20, torch.float32, device, requires_grad=False)

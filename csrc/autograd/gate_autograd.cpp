@@ -35,6 +35,15 @@ std::optional<at::Tensor> to_optional(const at::Tensor& t) {
 
 at::Tensor or_undefined(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
 
+bool requires_grad(std::initializer_list<std::optional<at::Tensor>> tensors) {
+  for (const auto& t : tensors) {
+    if (t.has_value() && t->defined() && t->requires_grad()) {
+      return true;
+    }
+  }
+  return false;
+}
+
 class GateFunction : public torch::autograd::Function<GateFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& k, const at::Tensor& v,
@@ -42,7 +51,8 @@ class GateFunction : public torch::autograd::Function<GateFunction> {
                                std::optional<double> eps, std::optional<double> scale, bool signed_sqrt,
                                double sqrt_clamp, bool residual, const std::optional<at::Tensor>& mask) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [o, a, stats] = gate_op().call(h, k, v, w_q, w_k, eps, scale, signed_sqrt, sqrt_clamp, residual, mask);
+    auto [o, a, stats] =
+        gate_op().call(h, k, v, w_q, w_k, eps, scale, signed_sqrt, sqrt_clamp, residual, mask, /*save_stats=*/true);
     ctx->save_for_backward({h, k, v, or_undefined(w_q), or_undefined(w_k), or_undefined(mask), a, stats});
     // The backward resolves a None scale from D itself, so no size is read here (D may be symbolic).
     ctx->saved_data["scale"] = scale.has_value() ? c10::IValue(*scale) : c10::IValue();
@@ -80,21 +90,19 @@ class GateFunction : public torch::autograd::Function<GateFunction> {
   }
 };
 
+// Without grad the op runs below autograd: no graph node, nothing saved.
 GateOutputs gate_autograd(const at::Tensor& h, const at::Tensor& k, const at::Tensor& v,
                           const std::optional<at::Tensor>& w_q, const std::optional<at::Tensor>& w_k,
                           std::optional<double> eps, std::optional<double> scale, bool signed_sqrt, double sqrt_clamp,
-                          bool residual, const std::optional<at::Tensor>& mask) {
+                          bool residual, const std::optional<at::Tensor>& mask, bool save_stats) {
+  if (!(at::GradMode::is_enabled() && requires_grad({h, k, v, w_q, w_k}))) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return gate_op().call(h, k, v, w_q, w_k, eps, scale, signed_sqrt, sqrt_clamp, residual, mask, save_stats);
+  }
+  TORCH_CHECK_VALUE(save_stats, "retrieval_attention.gate: expected `save_stats` True when an input requires grad ",
+                    "(the backward reads the statistics), but got False");
   auto out = GateFunction::apply(h, k, v, w_q, w_k, eps, scale, signed_sqrt, sqrt_clamp, residual, mask);
   return {out[0], out[1], out[2]};
-}
-
-bool requires_grad(std::initializer_list<std::optional<at::Tensor>> tensors) {
-  for (const auto& t : tensors) {
-    if (t.has_value() && t->defined() && t->requires_grad()) {
-      return true;
-    }
-  }
-  return false;
 }
 
 // The backward is first-order only: with create_graph=True it would silently lose the graph.

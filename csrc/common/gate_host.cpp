@@ -153,7 +153,8 @@ double resolve_scale(std::optional<double> scale, int64_t D) {
 GateForwardPlan plan_gate_forward(const at::Tensor& h, const at::Tensor& k, const at::Tensor& v,
                                   const std::optional<at::Tensor>& w_q, const std::optional<at::Tensor>& w_k,
                                   std::optional<double> eps, std::optional<double> scale, bool signed_sqrt,
-                                  double sqrt_clamp, bool residual, const std::optional<at::Tensor>& mask) {
+                                  double sqrt_clamp, bool residual, const std::optional<at::Tensor>& mask,
+                                  bool save_stats) {
   const Shape s = check_inputs(kForwardOp, h, k, v, w_q, w_k, mask);
   const double eps_value = eps.has_value() ? *eps : default_eps(h.scalar_type());
   TORCH_CHECK_VALUE(eps_value >= 0 && std::isfinite(eps_value), kForwardOp,
@@ -172,13 +173,14 @@ GateForwardPlan plan_gate_forward(const at::Tensor& h, const at::Tensor& k, cons
   plan.mask = mask.has_value() ? mask->reshape({s.N}).contiguous() : at::Tensor();
   plan.o = at::empty(h.sizes(), h.options().memory_format(at::MemoryFormat::Contiguous));
   plan.a = at::empty(with_prefix(-1, s.lead, s.G), h.options().dtype(acc));
-  plan.stats = at::empty(with_prefix(kNumStats, s.lead, s.G), h.options().dtype(acc));
+  plan.stats =
+      at::empty(save_stats ? with_prefix(kNumStats, s.lead, s.G) : std::vector<int64_t>{0}, h.options().dtype(acc));
 
   auto& p = plan.params;
   set_inputs(p, s, plan);
   p.o = plan.o.data_ptr();
   p.a = plan.a.data_ptr();
-  p.stats = plan.stats.data_ptr();
+  p.stats = save_stats ? plan.stats.data_ptr() : nullptr;
   p.eps = eps_value;
   p.scale = scale_value;
   p.sqrt_clamp = sqrt_clamp;

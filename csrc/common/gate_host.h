@@ -32,7 +32,8 @@ struct GateForwardPlan {
 GateForwardPlan plan_gate_forward(const at::Tensor& h, const at::Tensor& k, const at::Tensor& v,
                                   const std::optional<at::Tensor>& w_q, const std::optional<at::Tensor>& w_k,
                                   std::optional<double> eps, std::optional<double> scale, bool signed_sqrt,
-                                  double sqrt_clamp, bool residual, const std::optional<at::Tensor>& mask);
+                                  double sqrt_clamp, bool residual, const std::optional<at::Tensor>& mask,
+                                  bool save_stats);
 
 struct GateBackwardPlan {
   at::Tensor grad_h, grad_k, grad_v;

@@ -26,7 +26,7 @@ struct GateForwardParams {
 
   void* o;      // [N, G, D] contiguous, dtype of h
   void* a;      // [N, G] contiguous, acc dtype
-  void* stats;  // [kNumStats, N, G] contiguous, acc dtype
+  void* stats;  // [kNumStats, N, G] contiguous, acc dtype; nullptr: not wanted (inference)
 
   double eps;
   double scale;

@@ -61,8 +61,8 @@ std::vector<std::string> compiled_capabilities() {
 GateOutputs gate_forward_cpu(const at::Tensor& h, const at::Tensor& k, const at::Tensor& v,
                              const std::optional<at::Tensor>& w_q, const std::optional<at::Tensor>& w_k,
                              std::optional<double> eps, std::optional<double> scale, bool signed_sqrt,
-                             double sqrt_clamp, bool residual, const std::optional<at::Tensor>& mask) {
-  auto plan = plan_gate_forward(h, k, v, w_q, w_k, eps, scale, signed_sqrt, sqrt_clamp, residual, mask);
+                             double sqrt_clamp, bool residual, const std::optional<at::Tensor>& mask, bool save_stats) {
+  auto plan = plan_gate_forward(h, k, v, w_q, w_k, eps, scale, signed_sqrt, sqrt_clamp, residual, mask, save_stats);
   if (plan.params.N > 0) {
     cpu::selected_gate_kernels().forward(plan.params, plan.dtype);
   }

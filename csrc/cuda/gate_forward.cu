@@ -66,9 +66,11 @@ __global__ void __launch_bounds__(kForwardThreads) gate_forward_kernel(const Gat
     const acc_t a = gate_value<acc_t>(st.s, p.signed_sqrt, static_cast<acc_t>(p.sqrt_clamp), keep);
     if (threadIdx.x == 0) {
       a_out[row] = a;
-      stats[kStatRq * rows + row] = st.r_q;
-      stats[kStatRk * rows + row] = st.r_k;
-      stats[kStatScore * rows + row] = st.s;
+      if (stats != nullptr) {
+        stats[kStatRq * rows + row] = st.r_q;
+        stats[kStatRk * rows + row] = st.r_k;
+        stats[kStatScore * rows + row] = st.s;
+      }
     }
 
     const scalar_t* vr = v + n * p.v_stride_n;
@@ -116,11 +118,12 @@ void launch_gate_forward(const GateForwardParams& p, cudaStream_t stream) {
 GateOutputs gate_forward_cuda(const at::Tensor& h, const at::Tensor& k, const at::Tensor& v,
                               const std::optional<at::Tensor>& w_q, const std::optional<at::Tensor>& w_k,
                               std::optional<double> eps, std::optional<double> scale, bool signed_sqrt,
-                              double sqrt_clamp, bool residual, const std::optional<at::Tensor>& mask) {
+                              double sqrt_clamp, bool residual, const std::optional<at::Tensor>& mask,
+                              bool save_stats) {
   TORCH_CHECK(h.is_cuda(), "retrieval_attention.gate: expected `h` on the CUDA device of the other inputs, but got ",
               h.device());
   const c10::cuda::CUDAGuard device_guard(h.device());
-  auto plan = plan_gate_forward(h, k, v, w_q, w_k, eps, scale, signed_sqrt, sqrt_clamp, residual, mask);
+  auto plan = plan_gate_forward(h, k, v, w_q, w_k, eps, scale, signed_sqrt, sqrt_clamp, residual, mask, save_stats);
   if (plan.params.N == 0) {
     return {plan.o, plan.a, plan.stats};
   }

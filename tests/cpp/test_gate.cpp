@@ -30,7 +30,7 @@ using OptTensor = std::optional<Tensor>;
 // The schema of retrieval_attention::gate, spelled out here rather than taken from gate.h.
 using GateFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
                                                   const OptTensor&, std::optional<double>, std::optional<double>, bool,
-                                                  double, bool, const OptTensor&);
+                                                  double, bool, const OptTensor&, bool);
 
 const c10::TypedOperatorHandle<GateFn>& gate_op() {
   static const auto op =
@@ -261,7 +261,7 @@ void run_case(const Case& cs, at::ScalarType dtype) {
   }
   const Tensor h = view(h_leaf), k = view(k_leaf);
   auto [o, a, stats] =
-      gate_op().call(h, k, v, w_q, w_k, o_.eps, o_.scale, o_.signed_sqrt, o_.sqrt_clamp, o_.residual, mask);
+      gate_op().call(h, k, v, w_q, w_k, o_.eps, o_.scale, o_.signed_sqrt, o_.sqrt_clamp, o_.residual, mask, true);
   EXPECT_EQ(o.sizes(), at::IntArrayRef(shape));
   EXPECT_EQ(a.sizes(), at::IntArrayRef(a_shape));
   std::vector<int64_t> stats_shape{3};
@@ -398,7 +398,7 @@ TEST_P(GateZeroScore, GateIsHalfAndNoGradientIntoHK) {
   const auto w_k = at::randn({G, D}, gen, opt).set_requires_grad(true);
   const auto go = at::randn({N, G, D}, gen, opt);
 
-  auto [o, a, stats] = gate_op().call(h, k, v, w_q, w_k, 1e-6, std::nullopt, true, 1e-6, false, std::nullopt);
+  auto [o, a, stats] = gate_op().call(h, k, v, w_q, w_k, 1e-6, std::nullopt, true, 1e-6, false, std::nullopt, true);
   EXPECT_EQ(stats[2][1][0].item<double>(), 0.0);
   EXPECT_EQ(a[1][0].item<double>(), 0.5);
   EXPECT_TRUE(at::equal(o[1][0], 0.5 * v[1])) << o[1][0];
@@ -430,7 +430,7 @@ TEST(GateErrors, BadInputNamesTheArgument) {
   const auto v = at::randn({4, 8});
   const auto call = [](const Tensor& h, const Tensor& k, const Tensor& v, const OptTensor& w_q, double eps,
                        const OptTensor& mask) {
-    return [=] { gate_op().call(h, k, v, w_q, std::nullopt, eps, std::nullopt, true, 1e-6, false, mask); };
+    return [=] { gate_op().call(h, k, v, w_q, std::nullopt, eps, std::nullopt, true, 1e-6, false, mask, true); };
   };
   const auto bad_k = at::randn({4, 2, 9});
   for (const bool grad : {false, true}) {  // through the CPU kernel and through the Autograd kernel

@@ -30,10 +30,12 @@ def _gate_fake(
     sqrt_clamp: float = 1e-6,
     residual: bool = False,
     mask: torch.Tensor | None = None,
+    save_stats: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows = h.shape[:-1]
     acc = _acc_dtype(h.dtype)
-    return h.new_empty(h.shape), h.new_empty(rows, dtype=acc), h.new_empty((_NUM_STATS, *rows), dtype=acc)
+    stats = h.new_empty((_NUM_STATS, *rows) if save_stats else (0,), dtype=acc)
+    return h.new_empty(h.shape), h.new_empty(rows, dtype=acc), stats
 
 
 @torch.library.register_fake("retrieval_attention::gate_backward")

@@ -42,8 +42,10 @@ def gate(
 
     Returns:
         ``(o, a)``: ``o`` ``[..., G, D]`` in the dtype of ``h``, and the gate ``a`` ``[..., G]`` in
-        float32 (float64 for float64 inputs). Both are differentiable.
+        float32 (float64 for float64 inputs). Both are differentiable. Without grad (no input
+        requires it, or under ``torch.no_grad``) nothing is saved or written for a backward.
     """
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, k, v, w_q, w_k))
     o, a, _ = torch.ops.retrieval_attention.gate(
         h,
         k,
@@ -56,5 +58,6 @@ def gate(
         sqrt_clamp=sqrt_clamp,
         residual=residual,
         mask=mask,
+        save_stats=needs_grad,
     )
     return o, a

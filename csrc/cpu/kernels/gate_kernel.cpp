@@ -163,9 +163,11 @@ void forward_impl(const GateForwardParams& p) {
         const acc_t a = gate_value<acc_t>(st.s, p.signed_sqrt, clamp, keep);
         const int64_t row = n * G + g;
         a_out[row] = a;
-        stats[kStatRq * NG + row] = st.r_q;
-        stats[kStatRk * NG + row] = st.r_k;
-        stats[kStatScore * NG + row] = st.s;
+        if (stats != nullptr) {
+          stats[kStatRq * NG + row] = st.r_q;
+          stats[kStatRk * NG + row] = st.r_k;
+          stats[kStatScore * NG + row] = st.s;
+        }
 
         scalar_t* orow = o + row * D;
         const typename L::AccVec av(a);
