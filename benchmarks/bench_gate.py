@@ -18,8 +18,10 @@ For each case (N rows, G branches, hidden size D, dtype) it times three phases w
 
 It reports the medians, the speedups eager/ours and compiled/ours, the bandwidth ours
 achieves (the bytes the operator must move, see ``op_bytes``, over its time) as a
-fraction of this machine's copy bandwidth measured in the same run, and on CUDA the
-peak memory of one phase above what was allocated before it. On CPU, glibc malloc is set
+fraction of this machine's copy bandwidth measured in the same run, the peak memory of
+one phase above what was allocated before it (CUDA's allocator statistics; on CPU the
+profiler's allocation events), and how far ours' peak exceeds the floor of outputs and
+gradients the phase must allocate (``floor_bytes``). On CPU, glibc malloc is set
 to keep freed memory (``--system-malloc`` leaves it alone). Results go to stdout and to
 ``<out>/gate_<device>.md``, ``.csv`` and ``.png``.
 
@@ -73,6 +75,7 @@ class Row:
     times: dict[str, float | None]
     op_bytes: int
     peak_mib: dict[str, float | None] = field(default_factory=dict)
+    floor_bytes: int = 0
 
 
 PRESETS: dict[str, dict[str, str]] = {
@@ -126,6 +129,20 @@ def op_bytes(inputs: Sequence[torch.Tensor], phase: str) -> int:
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[phase]
 
 
+def floor_bytes(inputs: Sequence[torch.Tensor], phase: str) -> int:
+    """Memory a phase must allocate: its outputs (o, a, stats) and/or the gradients.
+
+    SPEC §2 allows only O(N * G) on top (no N * G * D temporary): the memory target of
+    issue #4 is that ours' peak minus this floor stays that small.
+    """
+    h = inputs[0]
+    n_rows = h.numel() // h.shape[-1]
+    acc_size = 8 if h.dtype == torch.float64 else 4
+    outputs = h.numel() * h.element_size() + (1 + NUM_STATS) * n_rows * acc_size
+    gradients = sum(t.numel() * t.element_size() for t in inputs)
+    return {"fwd": outputs, "bwd": gradients, "fwd+bwd": outputs + gradients}[phase]
+
+
 def median_time(fn: Callable[[], object], threads: int, min_run_time: float, warmup: int = 3) -> float:
     """Median seconds per call of ``fn`` after ``warmup`` calls."""
     for _ in range(warmup):
@@ -177,10 +194,23 @@ def phase_fns(fn: GateFn, inputs: list[torch.Tensor]) -> dict[str, Callable[[], 
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
 
 
-def peak_mib(step: Callable[[], object], device: str) -> float | None:
-    """Peak CUDA memory of one call above what was allocated before it; None on CPU."""
+def cpu_peak_mib(step: Callable[[], object]) -> float:
+    """Peak CPU memory of one call above what was allocated before it, from the profiler's
+    allocation events (the caching-free CPU allocator has no peak counter of its own)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    current = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak / 2**20
+
+
+def peak_mib(step: Callable[[], object], device: str) -> float:
+    """Peak memory of one call above what was allocated before it."""
     if device != "cuda":
-        return None
+        return cpu_peak_mib(step)
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -208,7 +238,10 @@ def try_phases(name: str, fn: GateFn, inputs: list[torch.Tensor], case: Case) ->
 def bench_case(case: Case, impls: dict[str, GateFn], device: str, threads: int, min_run_time: float) -> list[Row]:
     """Time every implementation in every phase; a skipped one reads None."""
     inputs = make_inputs(case, device)
-    rows = {p: Row(case, p, dict.fromkeys(IMPLS), op_bytes(inputs, p), dict.fromkeys(IMPLS)) for p in PHASES}
+    rows = {
+        p: Row(case, p, dict.fromkeys(IMPLS), op_bytes(inputs, p), dict.fromkeys(IMPLS), floor_bytes(inputs, p))
+        for p in PHASES
+    }
     for name, fn in impls.items():
         fns = try_phases(name, fn, inputs, case)
         if fns is None:
@@ -254,6 +287,9 @@ def table_rows(rows: list[Row], copy_bw: float) -> list[dict[str, object]]:
                 "ours_gbps": None if bw is None else bw / 1e9,
                 "ours_frac_of_copy": None if bw is None else bw / copy_bw,
                 **{f"peak_mib_{name}": row.peak_mib.get(name) for name in IMPLS},
+                "ours_over_floor_mib": None
+                if row.peak_mib.get("ours") is None
+                else row.peak_mib["ours"] - row.floor_bytes / 2**20,
             }
         )
     return records
@@ -262,7 +298,7 @@ def table_rows(rows: list[Row], copy_bw: float) -> list[dict[str, object]]:
 def markdown(records: list[dict[str, object]], header: str) -> str:
     cols = [
         "case", "phase", "ours", "eager ref", "compiled ref", "eager/ours", "compiled/ours",
-        "ours GB/s", "% of copy BW", "peak MiB ours / eager / compiled",
+        "ours GB/s", "% of copy BW", "peak MiB ours / eager / compiled", "ours peak - floor MiB",
     ]  # fmt: skip
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in records:
@@ -280,6 +316,7 @@ def markdown(records: list[dict[str, object]], header: str) -> str:
                 "%",
             ),
             "n/a" if all(p is None for p in peaks) else " / ".join(_fmt(p, ".0f") for p in peaks),
+            _fmt(r["ours_over_floor_mib"], ".2f"),
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
