@@ -26,6 +26,19 @@ struct RowStats {
   acc_t s;    // scaled dot product of the normalized rows
 };
 
+// The saved statistics are [kNumStats, rows]: one plane per statistic, so writes coalesce.
+template <typename acc_t>
+C10_HOST_DEVICE inline void store_stats(acc_t* stats, int64_t rows, int64_t row, const RowStats<acc_t>& st) {
+  stats[kStatRq * rows + row] = st.r_q;
+  stats[kStatRk * rows + row] = st.r_k;
+  stats[kStatScore * rows + row] = st.s;
+}
+
+template <typename acc_t>
+C10_HOST_DEVICE inline RowStats<acc_t> load_stats(const acc_t* stats, int64_t rows, int64_t row) {
+  return {stats[kStatRq * rows + row], stats[kStatRk * rows + row], stats[kStatScore * rows + row]};
+}
+
 // Sums over D of one row: h^2, k^2 and h * k * w (w the product weight, or 1).
 template <typename acc_t>
 struct RowSums {

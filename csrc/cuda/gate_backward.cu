@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(kBackwardThreads) gate_backward_kernel(const G
       block_sum<kBackwardThreads>(da, red);
       if (threadIdx.x == 0) {
         const int64_t row = n * G + g;
-        const RowStats<acc_t> st{stats[kStatRq * NG + row], stats[kStatRk * NG + row], stats[kStatScore * NG + row]};
+        const auto st = load_stats(stats, NG, row);
         const acc_t a = a_saved[row];
         const acc_t total = ga != nullptr ? da[0] + ga[row] : da[0];
         const acc_t ds = score_grad<acc_t>(total, a, st.s, p.signed_sqrt, static_cast<acc_t>(p.sqrt_clamp), keep);

@@ -67,9 +67,7 @@ __global__ void __launch_bounds__(kForwardThreads) gate_forward_kernel(const Gat
     if (threadIdx.x == 0) {
       a_out[row] = a;
       if (stats != nullptr) {
-        stats[kStatRq * rows + row] = st.r_q;
-        stats[kStatRk * rows + row] = st.r_k;
-        stats[kStatScore * rows + row] = st.s;
+        store_stats(stats, rows, row, st);
       }
     }
 

@@ -172,9 +172,7 @@ void forward_impl(const GateForwardParams& p) {
         const int64_t row = n * G + g;
         a_out[row] = a;
         if (stats != nullptr) {
-          stats[kStatRq * NG + row] = st.r_q;
-          stats[kStatRk * NG + row] = st.r_k;
-          stats[kStatScore * NG + row] = st.s;
+          store_stats(stats, NG, row, st);
         }
 
         scalar_t* orow = o + row * D;
@@ -262,8 +260,7 @@ void backward_impl(const GateBackwardParams& p) {
           const bool keep = p.mask == nullptr || p.mask[n];
           for (const auto g : c10::irange(G)) {
             const int64_t row = n * G + g;
-            const RowStats<acc_t> st{stats[kStatRq * NG + row], stats[kStatRk * NG + row],
-                                     stats[kStatScore * NG + row]};
+            const auto st = load_stats(stats, NG, row);
             const acc_t a = a_saved[row];
             acc_t da = row_dot(go + n * p.go_stride_n + g * p.go_stride_g, v + n * p.v_stride_n, D);
             if (ga != nullptr) {
