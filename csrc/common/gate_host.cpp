@@ -258,6 +258,16 @@ GateBackwardPlan plan_gate_backward(const at::Tensor& grad_o, const std::optiona
   return plan;
 }
 
+void reserve_weight_grad_partials(GateBackwardPlan& plan, int64_t num_partials) {
+  if (!plan.grad_w.defined()) {
+    return;
+  }
+  auto& p = plan.params;
+  plan.grad_w_partials = at::empty({num_partials, p.G, p.D}, plan.grad_w.options());
+  p.grad_w_partials = plan.grad_w_partials.data_ptr();
+  p.num_partials = num_partials;
+}
+
 GateGrads finish_gate_backward(const GateBackwardPlan& plan) {
   const auto weight_grad = [&](const std::optional<at::Tensor>& self, const std::optional<at::Tensor>& other) {
     if (!self.has_value()) {

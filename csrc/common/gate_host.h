@@ -39,10 +39,14 @@ struct GateBackwardPlan {
   at::Tensor grad_h, grad_k, grad_v;
   at::Tensor grad_w;  // [G, D] acc dtype, sum over tokens; undefined without weights
   at::Tensor go, ga, h, k, v, w, mask, a, stats;
+  at::Tensor grad_w_partials;  // [num_partials, G, D] acc dtype, the backend's scratch
   std::optional<at::Tensor> w_q, w_k;
   GateBackwardParams params;
   c10::ScalarType dtype;
 };
+
+// Allocates the backend's num_partials rows of weight-gradient partial sums (none without weights).
+void reserve_weight_grad_partials(GateBackwardPlan& plan, int64_t num_partials);
 
 GateBackwardPlan plan_gate_backward(const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_a,
                                     const at::Tensor& h, const at::Tensor& k, const at::Tensor& v,

@@ -1,5 +1,4 @@
 // CPU host functions of the gate and their registration at the CPU key.
-#include <ATen/Functions.h>
 #include <ATen/Version.h>
 #include <torch/library.h>
 
@@ -77,12 +76,7 @@ GateGradients gate_backward_cpu(const at::Tensor& grad_o, const std::optional<at
   auto plan =
       plan_gate_backward(grad_o, grad_a, h, k, v, w_q, w_k, mask, a, stats, scale, signed_sqrt, sqrt_clamp, residual);
   if (plan.params.N > 0) {
-    at::Tensor partials;
-    if (plan.grad_w.defined()) {
-      plan.params.num_partials = cpu::weight_grad_chunks(plan.params.N);
-      partials = at::empty({plan.params.num_partials, plan.params.G, plan.params.D}, plan.grad_w.options());
-      plan.params.grad_w_partials = partials.data_ptr();
-    }
+    reserve_weight_grad_partials(plan, cpu::weight_grad_chunks(plan.params.N));
     cpu::selected_gate_kernels().backward(plan.params, plan.dtype);
   }
   return finish_gate_backward(plan);

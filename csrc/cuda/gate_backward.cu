@@ -4,7 +4,6 @@
 // memory, then one pass writing dh, dk, dv and adding to the block's own partial row.
 // Every thread keeps the same columns for every token, so the partial needs no sync.
 #include <ATen/Dispatch.h>
-#include <ATen/Functions.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -201,13 +200,8 @@ GateGradients gate_backward_cuda(const at::Tensor& grad_o, const std::optional<a
     return finish_gate_backward(plan);
   }
   const auto blocks = static_cast<unsigned int>(cuda::grid_size(p.N, cuda::kBackwardBlocksPerSm));
-  at::Tensor partials;
-  if (plan.grad_w.defined()) {
-    // One partial row per block: the sum over tokens is then fixed by N and the SM count.
-    partials = at::empty({static_cast<int64_t>(blocks), p.G, p.D}, plan.grad_w.options());
-    p.grad_w_partials = partials.data_ptr();
-    p.num_partials = blocks;
-  }
+  // One partial row per block: the sum over tokens is then fixed by N and the SM count.
+  reserve_weight_grad_partials(plan, blocks);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.dtype, "retrieval_attention::gate_backward (CUDA)",
                                   [&] { cuda::launch_gate_backward<scalar_t>(p, blocks, stream); });
