@@ -6,6 +6,8 @@ Environment:
   TORCH_CUDA_ARCH_LIST    CUDA architectures (default "8.0;9.0+PTX")
   MAX_JOBS                parallel compile jobs (read by torch's BuildExtension)
   RA_DEBUG=1              -O0 -g
+  RA_SANITIZE=1           AddressSanitizer and UndefinedBehaviorSanitizer in the C++ (-O1 -g1 unless RA_DEBUG);
+                          `make test-asan` builds such a copy apart, in build/asan
 
 CUDA is enabled by FORCE_CUDA or by finding both nvcc (CUDA_HOME) and a CUDA build of
 torch; never by torch.cuda.is_available(), so a GPU-less CI machine builds the CUDA code.
@@ -117,6 +119,14 @@ def make_extension():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
     debug = os.environ.get("RA_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
+    # The sanitizers instrument the host C++ only (compute-sanitizer checks the CUDA kernels);
+    # a UB report aborts as an ASan one does. -O1 and line tables, as their documentation advises.
+    # -fno-wrapv undoes the -fwrapv of Python's CFLAGS, which would define signed overflow and so
+    # turn UBSan's check of it off.
+    sanitize = os.environ.get("RA_SANITIZE") == "1"
+    sanitizers = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+    sanitizers = [*sanitizers, "-fno-wrapv"] if sanitize else []
+    host_opt = ["-O1", "-g1"] if sanitize and not debug else opt
     # Unquoted: quotes do not survive the ninja command line; build_info.cpp stringifies it.
     macros = [("RA_VERSION", VERSION)]
     macros += [(f"RA_CPU_{cap}", None) for cap in cpu_capabilities() if cap != "DEFAULT"]
@@ -131,8 +141,11 @@ def make_extension():
         sources=rel(sources),
         include_dirs=[str(CSRC)],
         define_macros=macros,
-        extra_compile_args={"cxx": [*opt, *openmp, "-Wall", "-Wno-unknown-pragmas"], "nvcc": [*opt, "-lineinfo"]},
-        extra_link_args=openmp,
+        extra_compile_args={
+            "cxx": [*host_opt, *sanitizers, *openmp, "-Wall", "-Wno-unknown-pragmas"],
+            "nvcc": [*opt, "-lineinfo"],
+        },
+        extra_link_args=[*openmp, *sanitizers],
         depends=rel([*CSRC.rglob("*.h"), *CSRC.rglob("*.cuh"), *ISA_DIR.glob("*.cpp")]),
     )
 

@@ -15,4 +15,6 @@ TORCH_LIBRARY(retrieval_attention, m) {
       "gate_backward(Tensor grad_o, Tensor? grad_a, Tensor h, Tensor k, Tensor v, Tensor? w_q, Tensor? w_k, "
       "Tensor? mask, Tensor a, Tensor stats, *, float? scale=None, bool signed_sqrt=True, float sqrt_clamp=1e-06, "
       "bool residual=False) -> (Tensor grad_h, Tensor grad_k, Tensor grad_v, Tensor grad_w_q, Tensor grad_w_k)");
+  // SPEC §4: hashed n-gram ids [B, T, (max_n - 1) * H] of token ids [B, T]; integer, so no autograd.
+  m.def("ngram_hash(Tensor ids, Tensor multipliers, Tensor primes, *, int pad_id) -> Tensor");
 }

@@ -2,9 +2,10 @@
 # The prepared GPU check, for a CUDA machine with no network whose Python already has torch:
 # builds the extension against that torch, runs the whole test suite (the CUDA cases
 # included: parity, opcheck, compile, CUDA graphs, Engram sizes), compute-sanitizer
-# memcheck and racecheck on a small case, and the GPU benchmark. Writes summary.md,
-# log.txt and the benchmark's table, CSV and chart to the folder given (5 files).
-# Budget: under 8 minutes on an H200.
+# memcheck, racecheck, initcheck (reads of uninitialized device memory) and synccheck
+# (barriers in divergent code, bad warp syncs) on a small case, and the GPU benchmark.
+# Writes summary.md, log.txt and the benchmark's table, CSV and chart to the folder given
+# (5 files). Budget: under 10 minutes on an H200.
 #
 #   scripts/gpu_check.sh OUT_DIR          PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0)
 set -uo pipefail
@@ -49,7 +50,7 @@ if step build 300 "$PY" setup.py build_ext --inplace; then
   step build_info 60 "$PY" -c "import retrieval_attention as r; print(r.build_info())"
   step tests 300 "$PY" -m pytest tests -q -p no:cacheprovider -rfE
   sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-  for tool in memcheck racecheck; do
+  for tool in memcheck racecheck initcheck synccheck; do
     step "$tool" 180 "$sanitizer" --tool "$tool" --error-exitcode 1 "$PY" scripts/sanitizer_case.py
   done
   step bench 240 "$PY" benchmarks/bench_gate.py --device cuda --min-time 0.2 --out "$out"
@@ -61,7 +62,8 @@ fi
   echo '```'
   grep -E "^(FAILED|ERROR) |passed|failed|error" "$log" | grep -v "^=====" | tail -n 30
   grep -A4 "worst error against" "$log"
-  grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log"
+  # Each compute-sanitizer tool's summary line, named by its step.
+  awk '/^===== /{step=$2; sub(/:$/, "", step)} /ERROR SUMMARY|RACECHECK SUMMARY/{print step ": " $0}' "$log"
   echo '```'
   [ -f "$out/gate_cuda.md" ] && cat "$out/gate_cuda.md"
 } >>"$summary"

@@ -1,10 +1,9 @@
 // Autograd of the gate at the Autograd key, so Python, torch.compile and C++ programs
 // all train through the same code. The backward is the registered op gate_backward.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
-#include "gate.h"
+#include "gate_op.h"
 
 #include <initializer_list>
 
@@ -13,21 +12,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-using GateForwardFn = decltype(gate_forward_cpu);
-using GateBackwardFn = decltype(gate_backward_cpu);
-
-const c10::TypedOperatorHandle<GateForwardFn>& gate_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("retrieval_attention::gate", "").typed<GateForwardFn>();
-  return op;
-}
-
-const c10::TypedOperatorHandle<GateBackwardFn>& gate_backward_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("retrieval_attention::gate_backward", "").typed<GateBackwardFn>();
-  return op;
-}
 
 std::optional<at::Tensor> to_optional(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;

@@ -22,8 +22,9 @@ except ImportError as error:  # pragma: no cover - only without a build
     ) from error
 
 from . import _ops, reference  # noqa: F401  (_ops registers the fake kernels)
-from .functional import gate
-from .modules import RetrievalGate
+from .functional import gate, ngram_hash
+from .modules import RetrievalAttention, RetrievalGate, ShortConv
+from .ngram import NgramHashEmbedding, ngram_hash_tables
 
 
 def build_info() -> dict[str, object]:
@@ -37,4 +38,15 @@ def build_info() -> dict[str, object]:
     return dict(_C.build_info())
 
 
-__all__ = ["RetrievalGate", "__version__", "build_info", "gate", "reference"]
+__all__ = [
+    "NgramHashEmbedding",
+    "RetrievalAttention",
+    "RetrievalGate",
+    "ShortConv",
+    "__version__",
+    "build_info",
+    "gate",
+    "ngram_hash",
+    "ngram_hash_tables",
+    "reference",
+]

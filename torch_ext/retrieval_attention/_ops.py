@@ -60,3 +60,11 @@ def _gate_backward_fake(
         return h.new_empty((0,)) if w is None else w.new_empty(w.shape)
 
     return h.new_empty(h.shape), k.new_empty(k.shape), v.new_empty(v.shape), weight_grad(w_q), weight_grad(w_k)
+
+
+@torch.library.register_fake("retrieval_attention::ngram_hash")
+def _ngram_hash_fake(
+    ids: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tensor, *, pad_id: int
+) -> torch.Tensor:
+    B, T = ids.shape
+    return ids.new_empty((B, T, (multipliers.shape[0] - 1) * primes.shape[1]), dtype=torch.int64)

@@ -61,3 +61,28 @@ def gate(
         save_stats=needs_grad,
     )
     return o, a
+
+
+def ngram_hash(ids: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tensor, *, pad_id: int) -> torch.Tensor:
+    """Hashed n-gram ids of token ids (SPEC §4), as the Engram demo's ``NgramHashMapping``.
+
+    For orders ``n = 2..max_n`` and heads ``j = 0..H-1``::
+
+        mix_t(n) = XOR_{i < n} ids[b, t - i] * multipliers[i]    (pad_id where t - i < 0)
+        out[b, t, (n - 2) * H + j] = mix_t(n) mod primes[n - 2, j]
+
+    The products wrap around in int64 and the modulo is the floor modulo (Python's ``%``), so
+    every output is in ``[0, primes[n - 2, j])``. The hashing runs on the device of ``ids``.
+
+    Args:
+        ids: token ids ``[B, T]``, int64, ``>= 0``; any strides. A negative id raises on the CPU;
+            on CUDA it is not looked for (that would cost a device sync) and hashes like any other.
+        multipliers: ``[max_n]`` int64 (odd), ``max_n >= 2``; on the device of ``ids``.
+        primes: ``[max_n - 1, H]`` int64, every entry ``> 0``; on the device of ``ids``. On CUDA the
+            check copies them to the host (a stream sync), except while a CUDA graph is captured.
+        pad_id: ``>= 0``, the token taken before the start of every sequence.
+
+    Returns:
+        ``[B, T, (max_n - 1) * H]`` int64, contiguous, order-major then head. Not differentiable.
+    """
+    return torch.ops.retrieval_attention.ngram_hash(ids, multipliers, primes, pad_id=pad_id)

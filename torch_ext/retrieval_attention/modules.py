@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .functional import gate
@@ -82,4 +86,205 @@ class RetrievalGate(nn.Module):
         return (
             f"hidden_size={self.hidden_size}, num_branches={self.num_branches}, eps={self.eps}, "
             f"signed_sqrt={self.signed_sqrt}, residual={self.residual}, affine={self.w_q is not None}"
+        )
+
+
+class ShortConv(nn.Module):
+    """The block's short convolution (SPEC §3): ``SiLU(CausalDepthwiseConv1d(RMSNorm_g(x)))``.
+
+    Args:
+        hidden_size: ``D``.
+        num_branches: ``G``; the convolution has ``G * D`` channels, one RMSNorm weight per branch.
+        kernel_size: taps over T (Engram: 4).
+        dilation: spacing of the taps (Engram: the largest n-gram order, 3).
+        eps: RMSNorm epsilon (Engram's demo: 1e-5).
+        zero_init: start with zero taps, so the convolution outputs exactly 0.
+
+    Shapes of ``forward(x)``: ``x`` ``[B, T, G, D]`` in, ``[B, T, G, D]`` out; position t sees
+    only positions ``t - i * dilation`` (left padding only).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_branches: int = 1,
+        kernel_size: int = 4,
+        dilation: int = 3,
+        eps: float = 1e-5,
+        *,
+        zero_init: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.hidden_size = hidden_size
+        self.num_branches = num_branches
+        self.kernel_size = kernel_size
+        self.dilation = dilation
+        self.eps = eps
+        self.zero_init = zero_init
+        channels = num_branches * hidden_size
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size, **factory))
+        self.norm_weight = nn.Parameter(torch.empty(num_branches, hidden_size, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.norm_weight)
+        if self.zero_init:
+            nn.init.zeros_(self.weight)
+        else:  # nn.Conv1d's default initialization
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, G, D = x.shape
+        xn = F.rms_norm(x, (D,), None, self.eps) * self.norm_weight
+        # [B, T, G*D] -> [B, G*D, T], causal: (K - 1) * dilation zeros on the left only.
+        xc = F.pad(xn.reshape(B, T, G * D).transpose(1, 2), ((self.kernel_size - 1) * self.dilation, 0))
+        y = F.conv1d(xc, self.weight, None, 1, 0, self.dilation, G * D)
+        return F.silu(y).transpose(1, 2).reshape(B, T, G, D)
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_size={self.hidden_size}, num_branches={self.num_branches}, kernel_size={self.kernel_size}, "
+            f"dilation={self.dilation}, eps={self.eps}"
+        )
+
+
+class RetrievalAttention(nn.Module):
+    """The retrieval block of SPEC §3 (Engram's gate), built on the fused gate operator.
+
+    ::
+
+        kv = retrieved @ W_kv^T + b_kv           one matrix product: v, then k of branch 0..G-1
+        o, a = gate(hidden, k, v, w_q, w_k)      o = a * v
+        y = o + ShortConv(o)                     short_conv=True (the caller adds y to the residual)
+        y = hidden + a * v                       short_conv=False (DeepSeek-V4's form, residual included)
+
+    Args:
+        hidden_size: ``D``, the size of the hidden state of each branch.
+        embed_size: ``D_e``, the size of the retrieved embedding.
+        num_branches: ``G`` (Engram's hyper-connection multiplier).
+        short_conv: add the short convolution; False gives ``hidden + a * v``.
+        conv_kernel_size, conv_dilation, conv_eps: the short convolution's taps, spacing and
+            RMSNorm epsilon; its taps start at zero, so a new block outputs the gated value alone.
+        eps: the gate's RMSNorm epsilon; None means ``torch.finfo(dtype).eps`` (as the demo).
+
+    Shapes of ``forward(hidden, retrieved, mask=None)``: ``hidden`` ``[B, T, G, D]`` (or
+    ``[B, T, D]`` when G = 1), ``retrieved`` ``[B, T, D_e]``, ``mask`` ``[B, T]`` bool. Returns
+    ``y`` in the shape of ``hidden``; with ``return_gate=True``, ``(y, a)`` with the gate ``a``
+    ``[B, T, G]`` (float32).
+
+    The keys and the value are views into the projection's output: the gate reads them in
+    place, with no copy.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        embed_size: int,
+        num_branches: int = 1,
+        short_conv: bool = True,
+        conv_kernel_size: int = 4,
+        conv_dilation: int = 3,
+        eps: float | None = None,
+        *,
+        conv_eps: float = 1e-5,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.hidden_size = hidden_size
+        self.embed_size = embed_size
+        self.num_branches = num_branches
+        # Rows 0..D-1 are W_V, then W_K of branch 0..G-1 (SPEC §3).
+        self.kv_proj = nn.Linear(embed_size, (num_branches + 1) * hidden_size, **factory)
+        self.gate = RetrievalGate(hidden_size, num_branches, eps, residual=not short_conv, **factory)
+        self.short_conv = (
+            ShortConv(hidden_size, num_branches, conv_kernel_size, conv_dilation, conv_eps, **factory)
+            if short_conv
+            else None
+        )
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        retrieved: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        return_gate: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        G, D = self.num_branches, self.hidden_size
+        single = hidden.dim() == 3 and G == 1
+        h = hidden.unsqueeze(-2) if single else hidden
+        if h.dim() != 4 or h.shape[-2:] != (G, D):
+            raise ValueError(
+                f"RetrievalAttention: hidden must be [B, T, {G}, {D}]"
+                + (f" or [B, T, {D}]" if G == 1 else "")
+                + f", got {list(hidden.shape)}"
+            )
+        if retrieved.dim() != 3 or retrieved.shape[:2] != h.shape[:2] or retrieved.shape[-1] != self.embed_size:
+            raise ValueError(
+                f"RetrievalAttention: retrieved must be [B, T, {self.embed_size}] with B, T of hidden "
+                f"{list(h.shape[:2])}, got {list(retrieved.shape)}"
+            )
+        kv = self.kv_proj(retrieved)
+        v = kv[..., :D]
+        k = kv[..., D:].unflatten(-1, (G, D))
+        y, a = self.gate(h, k, v, mask)
+        if self.short_conv is not None:
+            y = y + self.short_conv(y)
+        if single:
+            y = y.squeeze(-2)
+        return (y, a) if return_gate else y
+
+    @torch.no_grad()
+    def load_engram_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+        """Load the parameters of the official Engram demo module (its ``Engram`` class).
+
+        Names: ``value_proj.{weight,bias}``, ``key_projs.{g}.{weight,bias}``, ``norm1.{g}.weight``
+        (keys), ``norm2.{g}.weight`` (queries), ``short_conv.conv.weight`` and
+        ``short_conv.norms.{g}.weight``. ``multi_head_embedding.*`` (the n-gram table) belongs to
+        :class:`NgramHashEmbedding` and is skipped. With ``strict``, any other key, a missing key or
+        a shape that differs raises.
+        """
+        G = self.num_branches
+        sd = dict(state_dict)
+        used = {k for k in sd if k.startswith("multi_head_embedding.")}
+
+        def take(name: str) -> torch.Tensor:
+            if name not in sd:
+                raise KeyError(f"load_engram_state_dict: state_dict has no {name!r} (expected for G = {G})")
+            used.add(name)
+            return sd[name]
+
+        weight = torch.cat([take("value_proj.weight")] + [take(f"key_projs.{g}.weight") for g in range(G)])
+        bias = torch.cat([take("value_proj.bias")] + [take(f"key_projs.{g}.bias") for g in range(G)])
+        targets = {
+            "kv_proj.weight": weight,
+            "kv_proj.bias": bias,
+            "gate.w_q": torch.stack([take(f"norm2.{g}.weight") for g in range(G)]),
+            "gate.w_k": torch.stack([take(f"norm1.{g}.weight") for g in range(G)]),
+        }
+        if self.short_conv is not None:
+            targets["short_conv.weight"] = take("short_conv.conv.weight")
+            targets["short_conv.norm_weight"] = torch.stack([take(f"short_conv.norms.{g}.weight") for g in range(G)])
+        unused = sorted(set(sd) - used)
+        if strict and unused:
+            raise KeyError(f"load_engram_state_dict: unexpected keys {unused}")
+        params = dict(self.named_parameters())
+        for name, value in targets.items():
+            if params[name].shape != value.shape:
+                raise ValueError(
+                    f"load_engram_state_dict: {name} is {list(params[name].shape)}, the demo's parameters give "
+                    f"{list(value.shape)}"
+                )
+        for name, value in targets.items():
+            params[name].copy_(value)
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_size={self.hidden_size}, embed_size={self.embed_size}, num_branches={self.num_branches}, "
+            f"short_conv={self.short_conv is not None}"
         )

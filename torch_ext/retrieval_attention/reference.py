@@ -58,3 +58,62 @@ def gate(
     if residual:
         o = h.to(cdt) + o
     return o.to(dtype), a
+
+
+def short_conv(
+    x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, *, dilation: int = 3, eps: float = 1e-5
+) -> torch.Tensor:
+    """Reference of the block's short convolution (SPEC §3), branch by branch as the demo.
+
+    ``x`` ``[B, T, G, D]``, ``weight`` ``[G * D, 1, K]``, ``norm_weight`` ``[G, D]``; returns
+    ``SiLU(CausalDepthwiseConv1d(RMSNorm_g(x)))`` ``[B, T, G, D]``.
+    """
+    B, T, G, D = x.shape
+    K = weight.shape[-1]
+    xn = torch.cat([F.rms_norm(x[:, :, g], (D,), norm_weight[g], eps) for g in range(G)], dim=-1)
+    y = F.conv1d(xn.transpose(1, 2), weight, None, 1, (K - 1) * dilation, dilation, G * D)[..., :T]
+    return F.silu(y).transpose(1, 2).reshape(B, T, G, D)
+
+
+def retrieval_attention(
+    hidden: torch.Tensor,
+    retrieved: torch.Tensor,
+    kv_weight: torch.Tensor,
+    kv_bias: torch.Tensor | None,
+    w_q: torch.Tensor | None,
+    w_k: torch.Tensor | None,
+    conv_weight: torch.Tensor | None = None,
+    conv_norm_weight: torch.Tensor | None = None,
+    *,
+    eps: float | None = None,
+    conv_dilation: int = 3,
+    conv_eps: float = 1e-5,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference of the block (SPEC §3): ``hidden`` ``[B, T, G, D]``, ``retrieved`` ``[B, T, D_e]``,
+    ``kv_weight`` ``[(G + 1) * D, D_e]``. With ``conv_weight`` None it returns ``hidden + a * v``."""
+    G, D = hidden.shape[-2:]
+    kv = F.linear(retrieved, kv_weight, kv_bias)
+    v, k = kv[..., :D], kv[..., D:].unflatten(-1, (G, D))
+    o, _ = gate(hidden, k, v, w_q, w_k, eps=eps, residual=conv_weight is None, mask=mask)
+    if conv_weight is None:
+        return o
+    return o + short_conv(o, conv_weight, conv_norm_weight, dilation=conv_dilation, eps=conv_eps)
+
+
+def ngram_hash(ids: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tensor, *, pad_id: int) -> torch.Tensor:
+    """Reference of :func:`retrieval_attention.ngram_hash` (SPEC §4), shifted copies as the demo.
+
+    ``ids`` ``[B, T]``, ``multipliers`` ``[max_n]``, ``primes`` ``[max_n - 1, H]``, all int64;
+    returns ``[B, T, (max_n - 1) * H]`` int64. torch's int64 multiply wraps around and
+    ``torch.remainder`` is the floor modulo, as NumPy's ``*`` and ``%``.
+    """
+    T = ids.shape[1]
+    max_n = multipliers.shape[0]
+    mix = ids * multipliers[0]
+    hashes = []
+    for n in range(2, max_n + 1):
+        shifted = F.pad(ids, (n - 1, 0), value=pad_id)[:, :T]
+        mix = torch.bitwise_xor(mix, shifted * multipliers[n - 1])
+        hashes.append(torch.remainder(mix[..., None], primes[n - 2]))
+    return torch.cat(hashes, dim=-1)

@@ -1,0 +1,50 @@
+// Autocast of the gate: under torch.autocast the activations h, k, v are cast to the
+// autocast dtype, as nn.Linear's inputs are; float32 weights stay float32 (the kernels
+// accept them with half activations and keep their gradients in float32).
+#include <ATen/autocast_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+#include "gate_op.h"
+
+namespace retrieval_attention {
+namespace {
+
+// A weight in float32 or already in the autocast dtype is kept; any other is cast.
+std::optional<at::Tensor> cast_weight(const std::optional<at::Tensor>& w, at::ScalarType dtype,
+                                      c10::DeviceType device) {
+  if (!w.has_value() || w->scalar_type() == at::kFloat) {
+    return w;
+  }
+  return at::autocast::cached_cast(dtype, *w, device);
+}
+
+template <c10::DeviceType kDevice, c10::DispatchKey kAutocastKey>
+GateOutputs gate_autocast(const at::Tensor& h, const at::Tensor& k, const at::Tensor& v,
+                          const std::optional<at::Tensor>& w_q, const std::optional<at::Tensor>& w_k,
+                          std::optional<double> eps, std::optional<double> scale, bool signed_sqrt, double sqrt_clamp,
+                          bool residual, const std::optional<at::Tensor>& mask, bool save_stats) {
+  // Below this key the op runs as usual (autograd included) on the cast tensors.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(kAutocastKey);
+  const auto dtype = at::autocast::get_autocast_dtype(kDevice);
+  // cached_cast leaves float64 and other devices' tensors alone, as autocast does for nn.Linear.
+  const auto cast = [&](const at::Tensor& t) { return at::autocast::cached_cast(dtype, t, kDevice); };
+  // A float64 h is not cast: then nothing is, so the dtypes stay consistent.
+  if (!at::autocast::is_autocast_eligible(h, kDevice)) {
+    return gate_op().call(h, k, v, w_q, w_k, eps, scale, signed_sqrt, sqrt_clamp, residual, mask, save_stats);
+  }
+  return gate_op().call(cast(h), cast(k), cast(v), cast_weight(w_q, dtype, kDevice), cast_weight(w_k, dtype, kDevice),
+                        eps, scale, signed_sqrt, sqrt_clamp, residual, mask, save_stats);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(retrieval_attention, AutocastCPU, m) {
+  m.impl("gate", &gate_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>);
+}
+
+TORCH_LIBRARY_IMPL(retrieval_attention, AutocastCUDA, m) {
+  m.impl("gate", &gate_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>);
+}
+
+}  // namespace retrieval_attention

@@ -1,0 +1,245 @@
+"""Hashed n-gram embeddings (SPEC §4): the demo's hash tables and the embedding module.
+
+``ngram_hash_tables`` derives the multipliers and primes of the official Engram demo's
+``NgramHashMapping`` from a seed; ``NgramHashEmbedding`` hashes token ids with the fused
+``ngram_hash`` operator and looks the hashes up in one concatenated table, as the demo's
+``MultiHeadEmbedding``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .functional import ngram_hash
+
+# Miller–Rabin with these bases is exact for every n < 3.3e24, so for every int64.
+_MILLER_RABIN_BASES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41)
+# The demo seeds layer l's multipliers with seed + _LAYER_SEED_STRIDE * l.
+_LAYER_SEED_STRIDE = 10007
+
+
+def is_prime(n: int) -> bool:
+    """Whether ``n`` is prime: deterministic Miller–Rabin, exact for every 64-bit ``n``."""
+    if n < 2:
+        return False
+    for p in _MILLER_RABIN_BASES:
+        if n % p == 0:
+            return n == p
+    d, s = n - 1, 0
+    while d % 2 == 0:
+        d, s = d // 2, s + 1
+    for a in _MILLER_RABIN_BASES:
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(s - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def _next_unseen_prime(start: int, seen: set[int]) -> int:
+    candidate = start + 1
+    while not is_prime(candidate) or candidate in seen:
+        candidate += 1
+    return candidate
+
+
+def ngram_hash_tables(
+    vocab_sizes: Sequence[int],
+    num_heads: int,
+    *,
+    token_vocab_size: int,
+    layer_ids: Sequence[int] = (0,),
+    seed: int = 0,
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """The multipliers and primes of the demo's ``NgramHashMapping``, bit for bit.
+
+    Args:
+        vocab_sizes: the table size per order, ``[max_n - 1]`` (orders 2..max_n); each order's
+            primes are the next ones above its size.
+        num_heads: ``H``, hash heads per order.
+        token_vocab_size: the number of (compressed) token ids; bounds the multipliers so that
+            ``id * multiplier`` stays in int64 for valid ids.
+        layer_ids: the layers, in the demo's order: primes are distinct across all of them.
+        seed: the demo's ``seed``; layer ``l`` draws from ``numpy.random.default_rng(seed + 10007 * l)``.
+
+    Returns:
+        For each layer id, ``(multipliers [max_n], primes [max_n - 1, H])``, both int64 on the CPU.
+    """
+    try:
+        import numpy as np
+    except ImportError as error:  # pragma: no cover - numpy is a test requirement
+        raise ImportError(
+            "retrieval_attention.ngram_hash_tables needs numpy (its random generator defines the multipliers)"
+        ) from error
+    if len(vocab_sizes) < 1 or any(v < 1 for v in vocab_sizes):
+        raise ValueError(f"ngram_hash_tables: expected at least one vocab size, each >= 1, but got {vocab_sizes}")
+    if num_heads < 1:
+        raise ValueError(f"ngram_hash_tables: expected num_heads >= 1, but got {num_heads}")
+    if token_vocab_size < 1:
+        raise ValueError(f"ngram_hash_tables: expected token_vocab_size >= 1, but got {token_vocab_size}")
+    if len(set(layer_ids)) != len(layer_ids):
+        raise ValueError(f"ngram_hash_tables: expected distinct layer_ids, but got {layer_ids}")
+    max_n = len(vocab_sizes) + 1
+    half_bound = max(1, (np.iinfo(np.int64).max // token_vocab_size) // 2)
+    seen: set[int] = set()
+    tables = {}
+    for layer_id in layer_ids:
+        rng = np.random.default_rng(seed + _LAYER_SEED_STRIDE * layer_id)
+        multipliers = rng.integers(low=0, high=half_bound, size=(max_n,), dtype=np.int64) * 2 + 1
+        primes = []
+        for vocab_size in vocab_sizes:
+            start = vocab_size - 1
+            for _ in range(num_heads):
+                start = _next_unseen_prime(start, seen)
+                seen.add(start)
+                primes.append(start)
+        tables[layer_id] = (
+            torch.from_numpy(multipliers),
+            torch.tensor(primes, dtype=torch.int64).view(max_n - 1, num_heads),
+        )
+    return tables
+
+
+def _refresh_pad_id_hook(module: NgramHashEmbedding, incompatible_keys: object) -> None:
+    module._refresh_pad_id()  # a module-level function, so that the module pickles
+
+
+class NgramHashEmbedding(nn.Module):
+    """Token ids in, retrieved n-gram embeddings out: the demo's hashing and ``MultiHeadEmbedding``.
+
+    Each of the ``(max_n - 1) * H`` heads owns ``primes[n - 2, j]`` rows of one table
+    ``embedding.weight`` ``[sum(primes), embed_dim_per_ngram // H]``; a token's embedding is its
+    heads' rows concatenated.
+
+    Args:
+        multipliers: ``[max_n]`` int64, odd, ``max_n >= 2``.
+        primes: ``[max_n - 1, H]`` int64, distinct primes (the heads' table sizes).
+        embed_dim_per_ngram: embedding size of one order, split over its ``H`` heads (divisible by H).
+        pad_id: the token before the start of every sequence, in the original token space (mapped
+            through ``lookup`` when given, as the demo does).
+        lookup: ``[V]`` int64 token compression, applied to the ids before hashing; None for none.
+        sparse: sparse gradients for the table (``nn.Embedding(sparse=True)``).
+        device, dtype: of the table; the int64 buffers go to ``device`` too.
+
+    Buffers: ``multipliers`` ``[max_n]``, ``primes`` ``[max_n - 1, H]``, ``offsets``
+    ``[(max_n - 1) * H]`` (each head's first row in the table), ``lookup`` ``[V]`` or None.
+    Shapes: ``forward(ids [B, T] int64) -> [B, T, embed_size]`` with
+    ``embed_size = (max_n - 1) * embed_dim_per_ngram``.
+    """
+
+    def __init__(
+        self,
+        multipliers: torch.Tensor,
+        primes: torch.Tensor,
+        embed_dim_per_ngram: int,
+        *,
+        pad_id: int = 0,
+        lookup: torch.Tensor | None = None,
+        sparse: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if multipliers.dim() != 1 or multipliers.shape[0] < 2:
+            raise ValueError(f"NgramHashEmbedding: expected `multipliers` [max_n], max_n >= 2, got {multipliers.shape}")
+        self.max_n = multipliers.shape[0]
+        if primes.dim() != 2 or primes.shape[0] != self.max_n - 1 or primes.shape[1] < 1:
+            raise ValueError(f"NgramHashEmbedding: expected `primes` [{self.max_n - 1}, H], got {primes.shape}")
+        self.num_heads = primes.shape[1]
+        if embed_dim_per_ngram < 1 or embed_dim_per_ngram % self.num_heads != 0:
+            raise ValueError(
+                f"NgramHashEmbedding: expected `embed_dim_per_ngram` a positive multiple of the heads "
+                f"H = {self.num_heads}, but got {embed_dim_per_ngram}"
+            )
+        self.embed_dim_per_ngram = embed_dim_per_ngram
+        self.embed_size = (self.max_n - 1) * embed_dim_per_ngram
+        if pad_id < 0:
+            raise ValueError(f"NgramHashEmbedding: expected `pad_id` >= 0, but got {pad_id}")
+        if lookup is not None and (lookup.dim() != 1 or pad_id >= lookup.shape[0]):
+            raise ValueError(
+                f"NgramHashEmbedding: expected `lookup` [V] and 0 <= pad_id < V, got {list(lookup.shape)}, {pad_id}"
+            )
+        self.pad_id = pad_id  # in the original token space; hash_pad_id is its compressed id
+
+        def int64(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(device=device, dtype=torch.int64).clone()
+
+        self.register_buffer("multipliers", int64(multipliers))
+        self.register_buffer("primes", int64(primes))
+        sizes = self.primes.flatten()
+        self.register_buffer("offsets", torch.cumsum(sizes, 0) - sizes)
+        self.register_buffer("lookup", None if lookup is None else int64(lookup))
+        self._refresh_pad_id()
+        # A loaded state_dict may carry another lookup: the compressed pad id follows it.
+        self.register_load_state_dict_post_hook(_refresh_pad_id_hook)
+        self.embedding = nn.Embedding(
+            int(sizes.sum()), embed_dim_per_ngram // self.num_heads, sparse=sparse, device=device, dtype=dtype
+        )
+
+    @classmethod
+    def from_seed(
+        cls,
+        vocab_sizes: Sequence[int],
+        num_heads: int,
+        embed_dim_per_ngram: int,
+        *,
+        token_vocab_size: int,
+        seed: int = 0,
+        layer_id: int = 0,
+        layer_ids: Sequence[int] | None = None,
+        pad_id: int = 0,
+        lookup: torch.Tensor | None = None,
+        sparse: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> NgramHashEmbedding:
+        """The module of layer ``layer_id`` with the demo's tables (see :func:`ngram_hash_tables`).
+
+        ``layer_ids`` are all the layers the demo derives tables for (their primes are distinct,
+        so they matter); None means ``(layer_id,)``. ``max_n = len(vocab_sizes) + 1``.
+        """
+        layer_ids = (layer_id,) if layer_ids is None else tuple(layer_ids)
+        if layer_id not in layer_ids:
+            raise ValueError(f"NgramHashEmbedding.from_seed: expected `layer_id` in {layer_ids}, but got {layer_id}")
+        tables = ngram_hash_tables(
+            vocab_sizes, num_heads, token_vocab_size=token_vocab_size, layer_ids=layer_ids, seed=seed
+        )
+        multipliers, primes = tables[layer_id]
+        return cls(
+            multipliers,
+            primes,
+            embed_dim_per_ngram,
+            pad_id=pad_id,
+            lookup=lookup,
+            sparse=sparse,
+            device=device,
+            dtype=dtype,
+        )
+
+    def _refresh_pad_id(self) -> None:
+        # Read once here, not per call: int() of a device tensor would sync and break torch.compile graphs.
+        self.hash_pad_id = self.pad_id if self.lookup is None else int(self.lookup[self.pad_id])
+        if self.hash_pad_id < 0:
+            raise ValueError(f"NgramHashEmbedding: expected `lookup[pad_id]` >= 0, but got {self.hash_pad_id}")
+
+    def hash(self, ids: torch.Tensor) -> torch.Tensor:
+        """Raw hashes ``[B, T, (max_n - 1) * H]`` int64 of token ids ``[B, T]`` (after ``lookup``)."""
+        if self.lookup is not None:
+            # index_select rejects negative ids where indexing would wrap them around.
+            ids = torch.index_select(self.lookup, 0, ids.flatten()).view(ids.shape)
+        return ngram_hash(ids, self.multipliers, self.primes, pad_id=self.hash_pad_id)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings ``[B, T, embed_size]`` of token ids ``[B, T]`` int64."""
+        return self.embedding(self.hash(ids) + self.offsets).flatten(-2)
+
+    def extra_repr(self) -> str:
+        return f"max_n={self.max_n}, num_heads={self.num_heads}, embed_size={self.embed_size}, pad_id={self.pad_id}"
