@@ -20,31 +20,33 @@ std::optional<at::Tensor> cast_weight(const std::optional<at::Tensor>& w, at::Sc
 }
 
 template <c10::DeviceType kDevice, c10::DispatchKey kAutocastKey>
-GateOutputs gate_autocast(const at::Tensor& h, const at::Tensor& k, const at::Tensor& v,
-                          const std::optional<at::Tensor>& w_q, const std::optional<at::Tensor>& w_k,
-                          std::optional<double> eps, std::optional<double> scale, bool signed_sqrt, double sqrt_clamp,
-                          bool residual, const std::optional<at::Tensor>& mask, bool save_stats) {
+GateOutputs gate_autocast(const GateInputs& in, const GateOptions& options) {
   // Below this key the op runs as usual (autograd included) on the cast tensors.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(kAutocastKey);
+  // A float64 h is not cast: then nothing is, so the dtypes stay consistent.
+  if (!at::autocast::is_autocast_eligible(in.h, kDevice)) {
+    return call_gate(in, options);
+  }
   const auto dtype = at::autocast::get_autocast_dtype(kDevice);
   // cached_cast leaves float64 and other devices' tensors alone, as autocast does for nn.Linear.
   const auto cast = [&](const at::Tensor& t) { return at::autocast::cached_cast(dtype, t, kDevice); };
-  // A float64 h is not cast: then nothing is, so the dtypes stay consistent.
-  if (!at::autocast::is_autocast_eligible(h, kDevice)) {
-    return gate_op().call(h, k, v, w_q, w_k, eps, scale, signed_sqrt, sqrt_clamp, residual, mask, save_stats);
-  }
-  return gate_op().call(cast(h), cast(k), cast(v), cast_weight(w_q, dtype, kDevice), cast_weight(w_k, dtype, kDevice),
-                        eps, scale, signed_sqrt, sqrt_clamp, residual, mask, save_stats);
+  const GateInputs cast_in{
+      cast(in.h), cast(in.k), cast(in.v), cast_weight(in.w_q, dtype, kDevice), cast_weight(in.w_k, dtype, kDevice),
+      in.mask};
+  return call_gate(cast_in, options);
 }
+
+constexpr auto gate_autocast_cpu = &gate_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>;
+constexpr auto gate_autocast_cuda = &gate_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>;
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(retrieval_attention, AutocastCPU, m) {
-  m.impl("gate", &gate_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>);
+  m.impl("gate", TORCH_FN(GateSchema::forward<gate_autocast_cpu>));
 }
 
 TORCH_LIBRARY_IMPL(retrieval_attention, AutocastCUDA, m) {
-  m.impl("gate", &gate_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>);
+  m.impl("gate", TORCH_FN(GateSchema::forward<gate_autocast_cuda>));
 }
 
 }  // namespace retrieval_attention

@@ -48,9 +48,9 @@ struct Shape {
 };
 
 // Checks h, k, v, the weights and the mask; returns the canonical sizes.
-Shape check_inputs(const char* op, const at::Tensor& h, const at::Tensor& k, const at::Tensor& v,
-                   const std::optional<at::Tensor>& w_q, const std::optional<at::Tensor>& w_k,
-                   const std::optional<at::Tensor>& mask) {
+Shape check_inputs(const char* op, const GateInputs& in) {
+  const auto& h = in.h;
+  const auto& mask = in.mask;
   TORCH_CHECK_TYPE(is_supported_dtype(h.scalar_type()), op,
                    ": expected `h` to have dtype float32, float64, float16 or bfloat16, but got ", h.scalar_type());
   TORCH_CHECK_VALUE(h.dim() >= 2, op, ": expected `h` of shape [..., G, D], but got ", h.sizes());
@@ -64,12 +64,12 @@ Shape check_inputs(const char* op, const at::Tensor& h, const at::Tensor& k, con
   for (const auto d : s.lead) {
     s.N *= d;
   }
-  check_like(op, "k", k, h, h.sizes());
+  check_like(op, "k", in.k, h, h.sizes());
   std::vector<int64_t> v_shape = s.lead;
   v_shape.push_back(s.D);
-  check_like(op, "v", v, h, v_shape);
-  check_weight(op, "w_q", w_q, h, s.G, s.D);
-  check_weight(op, "w_k", w_k, h, s.G, s.D);
+  check_like(op, "v", in.v, h, v_shape);
+  check_weight(op, "w_q", in.w_q, h, s.G, s.D);
+  check_weight(op, "w_k", in.w_k, h, s.G, s.D);
   if (mask.has_value()) {
     TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, op, ": expected `mask` of dtype bool, but got ",
                      mask->scalar_type());
@@ -79,11 +79,6 @@ Shape check_inputs(const char* op, const at::Tensor& h, const at::Tensor& k, con
                       at::IntArrayRef(s.lead), " (the leading dims of `h`), but got ", mask->sizes());
   }
   return s;
-}
-
-void check_clamp(const char* op, bool signed_sqrt, double sqrt_clamp) {
-  TORCH_CHECK_VALUE(!signed_sqrt || (sqrt_clamp > 0 && std::isfinite(sqrt_clamp)), op,
-                    ": expected `sqrt_clamp` > 0 and finite when `signed_sqrt` is True, but got ", sqrt_clamp);
 }
 
 // A [N, G, D] view whose rows are contiguous in D (a copy only when they are not).
@@ -119,9 +114,25 @@ std::vector<int64_t> with_prefix(int64_t first, const std::vector<int64_t>& rest
   return out;
 }
 
-// Sizes, the inputs both directions read, and their row strides.
-template <typename Params, typename Plan>
-void set_inputs(Params& p, const Shape& s, const Plan& plan) {
+// Checks the options both directions read; returns the scale resolved.
+double check_options(const char* op, const GateOptions& options, int64_t D) {
+  const double scale = resolve_scale(options.scale, D);
+  TORCH_CHECK_VALUE(std::isfinite(scale), op, ": expected a finite `scale`, but got ", scale);
+  TORCH_CHECK_VALUE(!options.signed_sqrt || (options.sqrt_clamp > 0 && std::isfinite(options.sqrt_clamp)), op,
+                    ": expected `sqrt_clamp` > 0 and finite when `signed_sqrt` is True, but got ", options.sqrt_clamp);
+  return scale;
+}
+
+// The canonical views both directions read, and their params.
+template <typename Plan>
+void set_inputs(Plan& plan, const Shape& s, const GateInputs& in, const GateOptions& options, double scale) {
+  plan.dtype = in.h.scalar_type();
+  plan.h = row_view(in.h, s.N, s.G, s.D);
+  plan.k = row_view(in.k, s.N, s.G, s.D);
+  plan.v = token_view(in.v, s.N, s.D);
+  plan.w = product_weight(in.w_q, in.w_k, acc_dtype(plan.dtype));
+  plan.mask = in.mask.has_value() ? in.mask->reshape({s.N}).contiguous() : at::Tensor();
+  auto& p = plan.params;
   p.N = s.N;
   p.G = s.G;
   p.D = s.D;
@@ -135,6 +146,8 @@ void set_inputs(Params& p, const Shape& s, const Plan& plan) {
   p.k_stride_n = plan.k.stride(0);
   p.k_stride_g = plan.k.stride(1);
   p.v_stride_n = plan.v.stride(0);
+  p.options = options;
+  p.scale = scale;
 }
 
 }  // namespace
@@ -150,52 +163,33 @@ double resolve_scale(std::optional<double> scale, int64_t D) {
   return scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(D));
 }
 
-GateForwardPlan plan_gate_forward(const at::Tensor& h, const at::Tensor& k, const at::Tensor& v,
-                                  const std::optional<at::Tensor>& w_q, const std::optional<at::Tensor>& w_k,
-                                  std::optional<double> eps, std::optional<double> scale, bool signed_sqrt,
-                                  double sqrt_clamp, bool residual, const std::optional<at::Tensor>& mask,
-                                  bool save_stats) {
-  const Shape s = check_inputs(kForwardOp, h, k, v, w_q, w_k, mask);
-  const double eps_value = eps.has_value() ? *eps : default_eps(h.scalar_type());
-  TORCH_CHECK_VALUE(eps_value >= 0 && std::isfinite(eps_value), kForwardOp,
-                    ": expected `eps` >= 0 and finite, but got ", eps_value);
-  const double scale_value = resolve_scale(scale, s.D);
-  TORCH_CHECK_VALUE(std::isfinite(scale_value), kForwardOp, ": expected a finite `scale`, but got ", scale_value);
-  check_clamp(kForwardOp, signed_sqrt, sqrt_clamp);
+GateForwardPlan plan_gate_forward(const GateInputs& in, const GateOptions& options) {
+  const Shape s = check_inputs(kForwardOp, in);
+  const double eps = options.eps.has_value() ? *options.eps : default_eps(in.h.scalar_type());
+  TORCH_CHECK_VALUE(eps >= 0 && std::isfinite(eps), kForwardOp, ": expected `eps` >= 0 and finite, but got ", eps);
+  const double scale = check_options(kForwardOp, options, s.D);
 
   GateForwardPlan plan;
-  plan.dtype = h.scalar_type();
+  set_inputs(plan, s, in, options, scale);
+  const auto& h = in.h;
   const auto acc = acc_dtype(plan.dtype);
-  plan.h = row_view(h, s.N, s.G, s.D);
-  plan.k = row_view(k, s.N, s.G, s.D);
-  plan.v = token_view(v, s.N, s.D);
-  plan.w = product_weight(w_q, w_k, acc);
-  plan.mask = mask.has_value() ? mask->reshape({s.N}).contiguous() : at::Tensor();
   plan.o = at::empty(h.sizes(), h.options().memory_format(at::MemoryFormat::Contiguous));
   plan.a = at::empty(with_prefix(-1, s.lead, s.G), h.options().dtype(acc));
-  plan.stats =
-      at::empty(save_stats ? with_prefix(kNumStats, s.lead, s.G) : std::vector<int64_t>{0}, h.options().dtype(acc));
+  plan.stats = at::empty(options.save_stats ? with_prefix(kNumStats, s.lead, s.G) : std::vector<int64_t>{0},
+                         h.options().dtype(acc));
 
   auto& p = plan.params;
-  set_inputs(p, s, plan);
+  p.eps = eps;
   p.o = plan.o.data_ptr();
   p.a = plan.a.data_ptr();
-  p.stats = save_stats ? plan.stats.data_ptr() : nullptr;
-  p.eps = eps_value;
-  p.scale = scale_value;
-  p.sqrt_clamp = sqrt_clamp;
-  p.signed_sqrt = signed_sqrt;
-  p.residual = residual;
+  p.stats = options.save_stats ? plan.stats.data_ptr() : nullptr;
   return plan;
 }
 
-GateBackwardPlan plan_gate_backward(const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_a,
-                                    const at::Tensor& h, const at::Tensor& k, const at::Tensor& v,
-                                    const std::optional<at::Tensor>& w_q, const std::optional<at::Tensor>& w_k,
-                                    const std::optional<at::Tensor>& mask, const at::Tensor& a, const at::Tensor& stats,
-                                    std::optional<double> scale, bool signed_sqrt, double sqrt_clamp, bool residual) {
-  const Shape s = check_inputs(kBackwardOp, h, k, v, w_q, w_k, mask);
-  check_like(kBackwardOp, "grad_o", grad_o, h, h.sizes());
+GateBackwardPlan plan_gate_backward(const GateBackwardInputs& grads, const GateInputs& in, const GateOptions& options) {
+  const Shape s = check_inputs(kBackwardOp, in);
+  const auto& h = in.h;
+  check_like(kBackwardOp, "grad_o", grads.grad_o, h, h.sizes());
   const auto acc = acc_dtype(h.scalar_type());
   const auto row_shape = with_prefix(-1, s.lead, s.G);
   const auto check_acc = [&](const char* name, const at::Tensor& t, const std::vector<int64_t>& shape) {
@@ -206,39 +200,32 @@ GateBackwardPlan plan_gate_backward(const at::Tensor& grad_o, const std::optiona
     TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(shape), kBackwardOp, ": expected `", name, "` of shape ",
                       at::IntArrayRef(shape), ", but got ", t.sizes());
   };
-  if (grad_a.has_value()) {
-    check_acc("grad_a", *grad_a, row_shape);
+  if (grads.grad_a.has_value()) {
+    check_acc("grad_a", *grads.grad_a, row_shape);
   }
-  check_acc("a", a, row_shape);
-  check_acc("stats", stats, with_prefix(kNumStats, s.lead, s.G));
-  const double scale_value = resolve_scale(scale, s.D);
-  TORCH_CHECK_VALUE(std::isfinite(scale_value), kBackwardOp, ": expected a finite `scale`, but got ", scale_value);
-  check_clamp(kBackwardOp, signed_sqrt, sqrt_clamp);
+  check_acc("a", grads.a, row_shape);
+  check_acc("stats", grads.stats, with_prefix(kNumStats, s.lead, s.G));
+  const double scale = check_options(kBackwardOp, options, s.D);
 
   GateBackwardPlan plan;
-  plan.dtype = h.scalar_type();
-  plan.go = row_view(grad_o, s.N, s.G, s.D);
-  plan.ga = grad_a.has_value() ? grad_a->contiguous() : at::Tensor();
-  plan.h = row_view(h, s.N, s.G, s.D);
-  plan.k = row_view(k, s.N, s.G, s.D);
-  plan.v = token_view(v, s.N, s.D);
-  plan.w = product_weight(w_q, w_k, acc);
-  plan.mask = mask.has_value() ? mask->reshape({s.N}).contiguous() : at::Tensor();
-  plan.a = a.contiguous();
-  plan.stats = stats.contiguous();
-  plan.w_q = w_q;
-  plan.w_k = w_k;
+  set_inputs(plan, s, in, options, scale);
+  plan.go = row_view(grads.grad_o, s.N, s.G, s.D);
+  plan.ga = grads.grad_a.has_value() ? grads.grad_a->contiguous() : at::Tensor();
+  plan.a = grads.a.contiguous();
+  plan.stats = grads.stats.contiguous();
+  plan.w_q = in.w_q;
+  plan.w_k = in.w_k;
   const auto contiguous = h.options().memory_format(at::MemoryFormat::Contiguous);
   plan.grad_h = at::empty(h.sizes(), contiguous);
-  plan.grad_k = at::empty(k.sizes(), contiguous);
-  plan.grad_v = at::empty(v.sizes(), contiguous);
+  plan.grad_k = at::empty(in.k.sizes(), contiguous);
+  plan.grad_v = at::empty(in.v.sizes(), contiguous);
   if (plan.w.defined()) {
     // Zeros so that N = 0 gives a zero weight gradient without a launch.
     plan.grad_w = at::zeros({s.G, s.D}, h.options().dtype(acc));
   }
 
   auto& p = plan.params;
-  set_inputs(p, s, plan);
+  p.eps = 0;  // the statistics hold the norms: the backward has no use for eps
   p.grad_o = plan.go.data_ptr();
   p.grad_a = plan.ga.defined() ? plan.ga.data_ptr() : nullptr;
   p.a = plan.a.data_ptr();
@@ -251,10 +238,6 @@ GateBackwardPlan plan_gate_backward(const at::Tensor& grad_o, const std::optiona
   p.grad_w = plan.grad_w.defined() ? plan.grad_w.data_ptr() : nullptr;
   p.grad_w_partials = nullptr;
   p.num_partials = 0;
-  p.scale = scale_value;
-  p.sqrt_clamp = sqrt_clamp;
-  p.signed_sqrt = signed_sqrt;
-  p.residual = residual;
   return plan;
 }
 
@@ -268,7 +251,7 @@ void reserve_weight_grad_partials(GateBackwardPlan& plan, int64_t num_partials) 
   p.num_partials = num_partials;
 }
 
-GateGrads finish_gate_backward(const GateBackwardPlan& plan) {
+GateGradients finish_gate_backward(const GateBackwardPlan& plan) {
   const auto weight_grad = [&](const std::optional<at::Tensor>& self, const std::optional<at::Tensor>& other) {
     if (!self.has_value()) {
       return at::empty({0}, plan.h.options());

@@ -6,9 +6,9 @@
 #include <ATen/core/Tensor.h>
 
 #include "common/gate_params.h"
+#include "gate.h"
 
 #include <optional>
-#include <tuple>
 
 namespace retrieval_attention {
 
@@ -26,14 +26,12 @@ struct GateForwardPlan {
   at::Tensor h, k, v, w, mask;  // canonical inputs, kept alive until the launch ends
   GateForwardParams params;
   c10::ScalarType dtype;
+
+  GateOutputs outputs() const { return {o, a, stats}; }
 };
 
 // Checks every argument (the error names it), allocates the outputs and fills the params.
-GateForwardPlan plan_gate_forward(const at::Tensor& h, const at::Tensor& k, const at::Tensor& v,
-                                  const std::optional<at::Tensor>& w_q, const std::optional<at::Tensor>& w_k,
-                                  std::optional<double> eps, std::optional<double> scale, bool signed_sqrt,
-                                  double sqrt_clamp, bool residual, const std::optional<at::Tensor>& mask,
-                                  bool save_stats);
+GateForwardPlan plan_gate_forward(const GateInputs& in, const GateOptions& options);
 
 struct GateBackwardPlan {
   at::Tensor grad_h, grad_k, grad_v;
@@ -45,19 +43,13 @@ struct GateBackwardPlan {
   c10::ScalarType dtype;
 };
 
+GateBackwardPlan plan_gate_backward(const GateBackwardInputs& grads, const GateInputs& in, const GateOptions& options);
+
 // Allocates the backend's num_partials rows of weight-gradient partial sums (none without weights).
 void reserve_weight_grad_partials(GateBackwardPlan& plan, int64_t num_partials);
 
-GateBackwardPlan plan_gate_backward(const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_a,
-                                    const at::Tensor& h, const at::Tensor& k, const at::Tensor& v,
-                                    const std::optional<at::Tensor>& w_q, const std::optional<at::Tensor>& w_k,
-                                    const std::optional<at::Tensor>& mask, const at::Tensor& a, const at::Tensor& stats,
-                                    std::optional<double> scale, bool signed_sqrt, double sqrt_clamp, bool residual);
-
-using GateGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
 // The chain rule through the product weight w = w_q * w_k: dw_q = dW * w_k, dw_k = dW * w_q.
 // A weight given as None gets an empty [0] gradient.
-GateGrads finish_gate_backward(const GateBackwardPlan& plan);
+GateGradients finish_gate_backward(const GateBackwardPlan& plan);
 
 }  // namespace retrieval_attention

@@ -1,16 +1,23 @@
-// Plain parameter structs handed from the host functions to the kernels of every backend.
+// Plain parameter structs handed from the host functions to the kernels of every backend, and
+// their one typed view.
 //
-// Pointers are untyped so one struct serves every dtype; the kernel casts them
-// to the dtype it was instantiated for. Strides count elements. Rows of h, k and
-// v are contiguous in D; their n (token) and g (branch) strides are free, so a
-// slice of a fused projection is read in place.
+// Pointers are untyped so one struct serves every dtype; a kernel instantiated for scalar_t reads
+// them through GateForwardPointers / GateBackwardPointers. Strides count elements. Rows of h, k
+// and v are contiguous in D; their n (token) and g (branch) strides are free, so a slice of a
+// fused projection is read in place.
 #pragma once
+
+#include <ATen/OpMathType.h>
+#include <c10/macros/Macros.h>
+
+#include "gate.h"
 
 #include <cstdint>
 
 namespace retrieval_attention {
 
-struct GateForwardParams {
+// The inputs both directions read.
+struct GateRowParams {
   int64_t N;  // rows of v (tokens); h and k have N * G rows
   int64_t G;  // branches
   int64_t D;  // hidden size
@@ -24,33 +31,23 @@ struct GateForwardParams {
   int64_t k_stride_n, k_stride_g;
   int64_t v_stride_n;
 
+  GateOptions options;  // as given; eps and scale are read resolved, below
+  double eps;
+  double scale;
+};
+
+struct GateForwardParams : GateRowParams {
   void* o;      // [N, G, D] contiguous, dtype of h
   void* a;      // [N, G] contiguous, acc dtype
   void* stats;  // [kNumStats, N, G] contiguous, acc dtype; nullptr: not wanted (inference)
-
-  double eps;
-  double scale;
-  double sqrt_clamp;
-  bool signed_sqrt;
-  bool residual;
 };
 
-struct GateBackwardParams {
-  int64_t N, G, D;
-
+struct GateBackwardParams : GateRowParams {
   const void* grad_o;  // [N, G, D], same layout rules as h
   const void* grad_a;  // [N, G] contiguous, acc dtype; nullptr means 0
-  const void* h;
-  const void* k;
-  const void* v;
-  const void* w;
-  const bool* mask;
-  const void* a;      // [N, G] contiguous, acc dtype: the forward's gate
-  const void* stats;  // [kNumStats, N, G] contiguous, acc dtype
+  const void* a;       // [N, G] contiguous, acc dtype: the forward's gate
+  const void* stats;   // [kNumStats, N, G] contiguous, acc dtype
   int64_t go_stride_n, go_stride_g;
-  int64_t h_stride_n, h_stride_g;
-  int64_t k_stride_n, k_stride_g;
-  int64_t v_stride_n;
 
   void* grad_h;           // [N, G, D] contiguous, dtype of h
   void* grad_k;           // [N, G, D] contiguous
@@ -58,11 +55,62 @@ struct GateBackwardParams {
   void* grad_w;           // [G, D] contiguous, acc dtype: sum_n(ds * scale * x_q * x_k); nullptr: not wanted
   void* grad_w_partials;  // [num_partials, G, D] acc dtype scratch, allocated by the backend's host code
   int64_t num_partials;
+};
 
-  double scale;
-  double sqrt_clamp;
-  bool signed_sqrt;
-  bool residual;
+// The pointers of GateRowParams in the types a kernel for scalar_t reads them as.
+template <typename scalar_t>
+struct GateRowPointers {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* h;
+  const scalar_t* k;
+  const scalar_t* v;
+  const acc_t* w;
+
+  C10_HOST_DEVICE explicit GateRowPointers(const GateRowParams& p)
+      : h(static_cast<const scalar_t*>(p.h)),
+        k(static_cast<const scalar_t*>(p.k)),
+        v(static_cast<const scalar_t*>(p.v)),
+        w(static_cast<const acc_t*>(p.w)) {}
+};
+
+template <typename scalar_t>
+struct GateForwardPointers : GateRowPointers<scalar_t> {
+  using acc_t = at::opmath_type<scalar_t>;
+  scalar_t* o;
+  acc_t* a;
+  acc_t* stats;
+
+  C10_HOST_DEVICE explicit GateForwardPointers(const GateForwardParams& p)
+      : GateRowPointers<scalar_t>(p),
+        o(static_cast<scalar_t*>(p.o)),
+        a(static_cast<acc_t*>(p.a)),
+        stats(static_cast<acc_t*>(p.stats)) {}
+};
+
+template <typename scalar_t>
+struct GateBackwardPointers : GateRowPointers<scalar_t> {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* grad_o;
+  const acc_t* grad_a;
+  const acc_t* a;
+  const acc_t* stats;
+  scalar_t* grad_h;
+  scalar_t* grad_k;
+  scalar_t* grad_v;
+  acc_t* grad_w;
+  acc_t* grad_w_partials;
+
+  C10_HOST_DEVICE explicit GateBackwardPointers(const GateBackwardParams& p)
+      : GateRowPointers<scalar_t>(p),
+        grad_o(static_cast<const scalar_t*>(p.grad_o)),
+        grad_a(static_cast<const acc_t*>(p.grad_a)),
+        a(static_cast<const acc_t*>(p.a)),
+        stats(static_cast<const acc_t*>(p.stats)),
+        grad_h(static_cast<scalar_t*>(p.grad_h)),
+        grad_k(static_cast<scalar_t*>(p.grad_k)),
+        grad_v(static_cast<scalar_t*>(p.grad_v)),
+        grad_w(static_cast<acc_t*>(p.grad_w)),
+        grad_w_partials(static_cast<acc_t*>(p.grad_w_partials)) {}
 };
 
 }  // namespace retrieval_attention

@@ -4,7 +4,7 @@
 
 #include "common/gate_host.h"
 #include "cpu/gate_cpu_kernels.h"
-#include "gate.h"
+#include "gate_op.h"
 
 #include <string>
 
@@ -57,24 +57,16 @@ std::vector<std::string> compiled_capabilities() {
 
 }  // namespace cpu
 
-GateOutputs gate_forward_cpu(const at::Tensor& h, const at::Tensor& k, const at::Tensor& v,
-                             const std::optional<at::Tensor>& w_q, const std::optional<at::Tensor>& w_k,
-                             std::optional<double> eps, std::optional<double> scale, bool signed_sqrt,
-                             double sqrt_clamp, bool residual, const std::optional<at::Tensor>& mask, bool save_stats) {
-  auto plan = plan_gate_forward(h, k, v, w_q, w_k, eps, scale, signed_sqrt, sqrt_clamp, residual, mask, save_stats);
+GateOutputs gate_forward_cpu(const GateInputs& in, const GateOptions& options) {
+  auto plan = plan_gate_forward(in, options);
   if (plan.params.N > 0) {
     cpu::selected_gate_kernels().forward(plan.params, plan.dtype);
   }
-  return {plan.o, plan.a, plan.stats};
+  return plan.outputs();
 }
 
-GateGradients gate_backward_cpu(const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_a, const at::Tensor& h,
-                                const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& w_q,
-                                const std::optional<at::Tensor>& w_k, const std::optional<at::Tensor>& mask,
-                                const at::Tensor& a, const at::Tensor& stats, std::optional<double> scale,
-                                bool signed_sqrt, double sqrt_clamp, bool residual) {
-  auto plan =
-      plan_gate_backward(grad_o, grad_a, h, k, v, w_q, w_k, mask, a, stats, scale, signed_sqrt, sqrt_clamp, residual);
+GateGradients gate_backward_cpu(const GateBackwardInputs& grads, const GateInputs& in, const GateOptions& options) {
+  auto plan = plan_gate_backward(grads, in, options);
   if (plan.params.N > 0) {
     reserve_weight_grad_partials(plan, cpu::weight_grad_chunks(plan.params.N));
     cpu::selected_gate_kernels().backward(plan.params, plan.dtype);
@@ -85,6 +77,7 @@ GateGradients gate_backward_cpu(const at::Tensor& grad_o, const std::optional<at
 }  // namespace retrieval_attention
 
 TORCH_LIBRARY_IMPL(retrieval_attention, CPU, m) {
-  m.impl("gate", &retrieval_attention::gate_forward_cpu);
-  m.impl("gate_backward", &retrieval_attention::gate_backward_cpu);
+  using retrieval_attention::GateSchema;
+  m.impl("gate", TORCH_FN(GateSchema::forward<&retrieval_attention::gate_forward_cpu>));
+  m.impl("gate_backward", TORCH_FN(GateSchema::backward<&retrieval_attention::gate_backward_cpu>));
 }

@@ -14,7 +14,7 @@
 #include "common/gate_math.h"
 #include "common/static_switch.h"
 #include "cuda/common.cuh"
-#include "gate.h"
+#include "gate_op.h"
 
 namespace retrieval_attention {
 namespace cuda {
@@ -33,21 +33,11 @@ __global__ void __launch_bounds__(kBackwardThreads) gate_backward_kernel(const G
   __shared__ acc_t red[kBackwardThreads / kWarpSize];
   extern __shared__ __align__(16) unsigned char coeff_bytes[];
   auto* coeff = reinterpret_cast<acc_t*>(coeff_bytes);  // [G, kCoeffs]
-  const auto* go = static_cast<const scalar_t*>(p.grad_o);
-  const auto* ga = static_cast<const acc_t*>(p.grad_a);
-  const auto* h = static_cast<const scalar_t*>(p.h);
-  const auto* k = static_cast<const scalar_t*>(p.k);
-  const auto* v = static_cast<const scalar_t*>(p.v);
-  const auto* w = static_cast<const acc_t*>(p.w);
-  const auto* a_saved = static_cast<const acc_t*>(p.a);
-  const auto* stats = static_cast<const acc_t*>(p.stats);
-  auto* dh = static_cast<scalar_t*>(p.grad_h);
-  auto* dk = static_cast<scalar_t*>(p.grad_k);
-  auto* dv = static_cast<scalar_t*>(p.grad_v);
+  const GateBackwardPointers<scalar_t> ptr(p);
   const int64_t G = p.G, D = p.D, NG = p.N * p.G;
   const int64_t first = static_cast<int64_t>(threadIdx.x) * kVec;
   constexpr int64_t kStep = static_cast<int64_t>(kBackwardThreads) * kVec;
-  acc_t* partial = kHasWeight ? static_cast<acc_t*>(p.grad_w_partials) + blockIdx.x * G * D : nullptr;
+  acc_t* partial = kHasWeight ? ptr.grad_w_partials + blockIdx.x * G * D : nullptr;
 
   if constexpr (kHasWeight) {
     for (int64_t d = first; d < D; d += kStep) {
@@ -61,10 +51,10 @@ __global__ void __launch_bounds__(kBackwardThreads) gate_backward_kernel(const G
   }
 
   for (int64_t n = blockIdx.x; n < p.N; n += gridDim.x) {
-    const scalar_t* vn = v + n * p.v_stride_n;
+    const scalar_t* vn = ptr.v + n * p.v_stride_n;
     const bool keep = p.mask == nullptr || p.mask[n];
     for (int64_t g = 0; g < G; ++g) {
-      const scalar_t* gor = go + n * p.go_stride_n + g * p.go_stride_g;
+      const scalar_t* gor = ptr.grad_o + n * p.go_stride_n + g * p.go_stride_g;
       acc_t da[1] = {0};
       for (int64_t d = first; d < D; d += kStep) {
         const auto gov = load_pack<scalar_t, kVec>(gor + d);
@@ -77,10 +67,11 @@ __global__ void __launch_bounds__(kBackwardThreads) gate_backward_kernel(const G
       block_sum<kBackwardThreads>(da, red);
       if (threadIdx.x == 0) {
         const int64_t row = n * G + g;
-        const auto st = load_stats(stats, NG, row);
-        const acc_t a = a_saved[row];
-        const acc_t total = ga != nullptr ? da[0] + ga[row] : da[0];
-        const acc_t ds = score_grad<acc_t>(total, a, st.s, p.signed_sqrt, static_cast<acc_t>(p.sqrt_clamp), keep);
+        const auto st = load_stats(ptr.stats, NG, row);
+        const acc_t a = ptr.a[row];
+        const acc_t total = ptr.grad_a != nullptr ? da[0] + ptr.grad_a[row] : da[0];
+        const acc_t ds =
+            score_grad<acc_t>(total, a, st.s, p.options.signed_sqrt, static_cast<acc_t>(p.options.sqrt_clamp), keep);
         const auto c = row_grad_coeffs<acc_t>(st, ds, static_cast<acc_t>(p.scale), D);
         coeff[g * kCoeffs + 0] = c.cross;
         coeff[g * kCoeffs + 1] = c.self_q;
@@ -101,16 +92,16 @@ __global__ void __launch_bounds__(kBackwardThreads) gate_backward_kernel(const G
         const acc_t self_q = coeff[g * kCoeffs + 1];
         const acc_t self_k = coeff[g * kCoeffs + 2];
         const acc_t a = coeff[g * kCoeffs + 3];
-        const auto gov = load_pack<scalar_t, kVec>(go + n * p.go_stride_n + g * p.go_stride_g + d);
-        const auto hv = load_pack<scalar_t, kVec>(h + n * p.h_stride_n + g * p.h_stride_g + d);
-        const auto kv = load_pack<scalar_t, kVec>(k + n * p.k_stride_n + g * p.k_stride_g + d);
+        const auto gov = load_pack<scalar_t, kVec>(ptr.grad_o + n * p.go_stride_n + g * p.go_stride_g + d);
+        const auto hv = load_pack<scalar_t, kVec>(ptr.h + n * p.h_stride_n + g * p.h_stride_g + d);
+        const auto kv = load_pack<scalar_t, kVec>(ptr.k + n * p.k_stride_n + g * p.k_stride_g + d);
         Pack<scalar_t, kVec> dh_out, dk_out;
 #pragma unroll
         for (int i = 0; i < kVec; ++i) {
           const auto x = static_cast<acc_t>(hv.v[i]);
           const auto y = static_cast<acc_t>(kv.v[i]);
           const auto gradient = static_cast<acc_t>(gov.v[i]);
-          const acc_t wi = kHasWeight ? w[g * D + d + i] : acc_t(1);
+          const acc_t wi = kHasWeight ? ptr.w[g * D + d + i] : acc_t(1);
           acc_t dx = cross * y * wi - self_q * x;
           if constexpr (kResidual) {
             dx += gradient;
@@ -123,15 +114,15 @@ __global__ void __launch_bounds__(kBackwardThreads) gate_backward_kernel(const G
           dv_acc[i] += a * gradient;
         }
         const int64_t out = (n * G + g) * D + d;
-        store_pack<scalar_t, kVec>(dh + out, dh_out);
-        store_pack<scalar_t, kVec>(dk + out, dk_out);
+        store_pack<scalar_t, kVec>(ptr.grad_h + out, dh_out);
+        store_pack<scalar_t, kVec>(ptr.grad_k + out, dk_out);
       }
       Pack<scalar_t, kVec> dv_out;
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
         dv_out.v[i] = static_cast<scalar_t>(dv_acc[i]);
       }
-      store_pack<scalar_t, kVec>(dv + n * D + d, dv_out);
+      store_pack<scalar_t, kVec>(ptr.grad_v + n * D + d, dv_out);
     }
     __syncthreads();  // the coefficients are rewritten for the next token
   }
@@ -161,7 +152,7 @@ void launch_gate_backward(const GateBackwardParams& p, unsigned int blocks, cuda
   const size_t coeff_bytes = static_cast<size_t>(p.G) * kCoeffs * sizeof(acc_t);
   RA_BOOL_SWITCH(vectorize, kVectorize, [&] {
     RA_BOOL_SWITCH(p.w != nullptr, kHasWeight, [&] {
-      RA_BOOL_SWITCH(p.residual, kResidual, [&] {
+      RA_BOOL_SWITCH(p.options.residual, kResidual, [&] {
         gate_backward_kernel<scalar_t, kVectorize ? kVec : 1, kHasWeight, kResidual>
             <<<blocks, kBackwardThreads, coeff_bytes, stream>>>(p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -181,16 +172,11 @@ void launch_gate_backward(const GateBackwardParams& p, unsigned int blocks, cuda
 }  // namespace
 }  // namespace cuda
 
-GateGradients gate_backward_cuda(const at::Tensor& grad_o, const std::optional<at::Tensor>& grad_a, const at::Tensor& h,
-                                 const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& w_q,
-                                 const std::optional<at::Tensor>& w_k, const std::optional<at::Tensor>& mask,
-                                 const at::Tensor& a, const at::Tensor& stats, std::optional<double> scale,
-                                 bool signed_sqrt, double sqrt_clamp, bool residual) {
-  TORCH_CHECK(h.is_cuda(), "retrieval_attention.gate_backward: expected `h` on the CUDA device of the other inputs, ",
-              "but got ", h.device());
-  const c10::cuda::CUDAGuard device_guard(h.device());
-  auto plan =
-      plan_gate_backward(grad_o, grad_a, h, k, v, w_q, w_k, mask, a, stats, scale, signed_sqrt, sqrt_clamp, residual);
+GateGradients gate_backward_cuda(const GateBackwardInputs& grads, const GateInputs& in, const GateOptions& options) {
+  TORCH_CHECK(in.h.is_cuda(), "retrieval_attention.gate_backward: expected `h` on the CUDA device of the other ",
+              "inputs, but got ", in.h.device());
+  const c10::cuda::CUDAGuard device_guard(in.h.device());
+  auto plan = plan_gate_backward(grads, in, options);
   auto& p = plan.params;
   const size_t coeff_bytes = static_cast<size_t>(p.G) * cuda::kCoeffs * c10::elementSize(acc_dtype(plan.dtype));
   TORCH_CHECK_VALUE(coeff_bytes <= cuda::kMaxCoeffBytes, "retrieval_attention.gate_backward: the CUDA kernel takes ",
@@ -210,4 +196,7 @@ GateGradients gate_backward_cuda(const at::Tensor& grad_o, const std::optional<a
 
 }  // namespace retrieval_attention
 
-TORCH_LIBRARY_IMPL(retrieval_attention, CUDA, m) { m.impl("gate_backward", &retrieval_attention::gate_backward_cuda); }
+TORCH_LIBRARY_IMPL(retrieval_attention, CUDA, m) {
+  m.impl("gate_backward",
+         TORCH_FN(retrieval_attention::GateSchema::backward<&retrieval_attention::gate_backward_cuda>));
+}

@@ -12,7 +12,7 @@
 #include "common/gate_math.h"
 #include "common/static_switch.h"
 #include "cuda/common.cuh"
-#include "gate.h"
+#include "gate_op.h"
 
 namespace retrieval_attention {
 namespace cuda {
@@ -26,13 +26,7 @@ template <typename scalar_t, int kVec, bool kHasWeight, bool kResidual>
 __global__ void __launch_bounds__(kForwardThreads) gate_forward_kernel(const GateForwardParams p) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t smem[kForwardSums * (kForwardThreads / kWarpSize)];
-  const auto* h = static_cast<const scalar_t*>(p.h);
-  const auto* k = static_cast<const scalar_t*>(p.k);
-  const auto* v = static_cast<const scalar_t*>(p.v);
-  const auto* w = static_cast<const acc_t*>(p.w);
-  auto* o = static_cast<scalar_t*>(p.o);
-  auto* a_out = static_cast<acc_t*>(p.a);
-  auto* stats = static_cast<acc_t*>(p.stats);
+  const GateForwardPointers<scalar_t> ptr(p);
   const int64_t rows = p.N * p.G;
   const int64_t first = static_cast<int64_t>(threadIdx.x) * kVec;
   constexpr int64_t kStep = static_cast<int64_t>(kForwardThreads) * kVec;
@@ -40,8 +34,8 @@ __global__ void __launch_bounds__(kForwardThreads) gate_forward_kernel(const Gat
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t n = row / p.G;
     const int64_t g = row % p.G;
-    const scalar_t* hr = h + n * p.h_stride_n + g * p.h_stride_g;
-    const scalar_t* kr = k + n * p.k_stride_n + g * p.k_stride_g;
+    const scalar_t* hr = ptr.h + n * p.h_stride_n + g * p.h_stride_g;
+    const scalar_t* kr = ptr.k + n * p.k_stride_n + g * p.k_stride_g;
     acc_t sums[kForwardSums] = {0, 0, 0};
     for (int64_t d = first; d < p.D; d += kStep) {
       const auto hv = load_pack<scalar_t, kVec>(hr + d);
@@ -53,7 +47,7 @@ __global__ void __launch_bounds__(kForwardThreads) gate_forward_kernel(const Gat
         sums[0] += x * x;
         sums[1] += y * y;
         if constexpr (kHasWeight) {
-          sums[2] += x * w[g * p.D + d + i] * y;
+          sums[2] += x * ptr.w[g * p.D + d + i] * y;
         } else {
           sums[2] += x * y;
         }
@@ -63,16 +57,16 @@ __global__ void __launch_bounds__(kForwardThreads) gate_forward_kernel(const Gat
     const RowSums<acc_t> row_sums{sums[0], sums[1], sums[2]};
     const auto st = row_stats<acc_t>(row_sums, p.D, static_cast<acc_t>(p.eps), static_cast<acc_t>(p.scale));
     const bool keep = p.mask == nullptr || p.mask[n];
-    const acc_t a = gate_value<acc_t>(st.s, p.signed_sqrt, static_cast<acc_t>(p.sqrt_clamp), keep);
+    const acc_t a = gate_value<acc_t>(st.s, p.options.signed_sqrt, static_cast<acc_t>(p.options.sqrt_clamp), keep);
     if (threadIdx.x == 0) {
-      a_out[row] = a;
-      if (stats != nullptr) {
-        store_stats(stats, rows, row, st);
+      ptr.a[row] = a;
+      if (ptr.stats != nullptr) {
+        store_stats(ptr.stats, rows, row, st);
       }
     }
 
-    const scalar_t* vr = v + n * p.v_stride_n;
-    scalar_t* orow = o + row * p.D;
+    const scalar_t* vr = ptr.v + n * p.v_stride_n;
+    scalar_t* orow = ptr.o + row * p.D;
     for (int64_t d = first; d < p.D; d += kStep) {
       const auto vv = load_pack<scalar_t, kVec>(vr + d);
       Pack<scalar_t, kVec> out;
@@ -101,7 +95,7 @@ void launch_gate_forward(const GateForwardParams& p, cudaStream_t stream) {
   const auto blocks = static_cast<unsigned int>(grid_size(p.N * p.G, kForwardBlocksPerSm));
   RA_BOOL_SWITCH(vectorize, kVectorize, [&] {
     RA_BOOL_SWITCH(p.w != nullptr, kHasWeight, [&] {
-      RA_BOOL_SWITCH(p.residual, kResidual, [&] {
+      RA_BOOL_SWITCH(p.options.residual, kResidual, [&] {
         gate_forward_kernel<scalar_t, kVectorize ? kVec : 1, kHasWeight, kResidual>
             <<<blocks, kForwardThreads, 0, stream>>>(p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -113,24 +107,22 @@ void launch_gate_forward(const GateForwardParams& p, cudaStream_t stream) {
 }  // namespace
 }  // namespace cuda
 
-GateOutputs gate_forward_cuda(const at::Tensor& h, const at::Tensor& k, const at::Tensor& v,
-                              const std::optional<at::Tensor>& w_q, const std::optional<at::Tensor>& w_k,
-                              std::optional<double> eps, std::optional<double> scale, bool signed_sqrt,
-                              double sqrt_clamp, bool residual, const std::optional<at::Tensor>& mask,
-                              bool save_stats) {
-  TORCH_CHECK(h.is_cuda(), "retrieval_attention.gate: expected `h` on the CUDA device of the other inputs, but got ",
-              h.device());
-  const c10::cuda::CUDAGuard device_guard(h.device());
-  auto plan = plan_gate_forward(h, k, v, w_q, w_k, eps, scale, signed_sqrt, sqrt_clamp, residual, mask, save_stats);
+GateOutputs gate_forward_cuda(const GateInputs& in, const GateOptions& options) {
+  TORCH_CHECK(in.h.is_cuda(), "retrieval_attention.gate: expected `h` on the CUDA device of the other inputs, but got ",
+              in.h.device());
+  const c10::cuda::CUDAGuard device_guard(in.h.device());
+  auto plan = plan_gate_forward(in, options);
   if (plan.params.N == 0) {
-    return {plan.o, plan.a, plan.stats};
+    return plan.outputs();
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.dtype, "retrieval_attention::gate (CUDA)",
                                   [&] { cuda::launch_gate_forward<scalar_t>(plan.params, stream); });
-  return {plan.o, plan.a, plan.stats};
+  return plan.outputs();
 }
 
 }  // namespace retrieval_attention
 
-TORCH_LIBRARY_IMPL(retrieval_attention, CUDA, m) { m.impl("gate", &retrieval_attention::gate_forward_cuda); }
+TORCH_LIBRARY_IMPL(retrieval_attention, CUDA, m) {
+  m.impl("gate", TORCH_FN(retrieval_attention::GateSchema::forward<&retrieval_attention::gate_forward_cuda>));
+}

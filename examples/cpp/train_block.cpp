@@ -7,7 +7,7 @@
 //   train_block --cuda    on the GPU, where torch sees one
 #include <torch/torch.h>
 
-#include "gate_op.h"  // the library's typed handle of retrieval_attention::gate
+#include "gate_op.h"  // retrieval_attention::call_gate, through the dispatcher
 
 #include <cstdio>
 #include <cstring>
@@ -17,7 +17,6 @@
 namespace {
 
 using at::Tensor;
-using OptTensor = std::optional<Tensor>;
 
 // Small sizes: the whole run takes well under a second on one CPU core.
 constexpr int64_t kBatch = 4, kTime = 32, kBranches = 2, kHidden = 64, kEmbed = 48;
@@ -51,10 +50,8 @@ struct RetrievalBlockImpl : torch::nn::Module {
     const auto kvs = kv->forward(e);                                                               // [B, T, (G+1)*D]
     const auto v = kvs.narrow(-1, 0, kHidden);                                                     // [B, T, D]
     const auto k = kvs.narrow(-1, kHidden, kBranches * kHidden).view({B, T, kBranches, kHidden});  // [B, T, G, D]
-    // Defaults of the schema: eps of the dtype, scale 1/sqrt(D), signed square root, no mask.
-    auto [o, a, stats] =
-        retrieval_attention::gate_op().call(h, k, v, w_q, w_k, std::nullopt, std::nullopt, /*signed_sqrt=*/true,
-                                            /*sqrt_clamp=*/1e-6, /*residual=*/false, std::nullopt, /*save_stats=*/true);
+    // Default options: eps of the dtype, scale 1/sqrt(D), signed square root; no mask.
+    auto [o, a, stats] = retrieval_attention::call_gate({h, k, v, w_q, w_k, std::nullopt}, {});
     // Short convolution: RMSNorm per branch, then causal depthwise conv over T on G*D channels.
     const auto normed = o * torch::rsqrt(o.pow(2).mean(-1, /*keepdim=*/true) + kNormEps) * norm_w;
     const auto x = normed.reshape({B, T, kBranches * kHidden}).transpose(1, 2);  // [B, C, T]

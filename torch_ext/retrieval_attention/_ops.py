@@ -16,6 +16,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# The gate's scalar options (eps, scale, ...) do not change shapes: they pass as **options, so a new
+# option leaves the fake kernels as they are.
 @torch.library.register_fake("retrieval_attention::gate")
 def _gate_fake(
     h: torch.Tensor,
@@ -24,13 +26,9 @@ def _gate_fake(
     w_q: torch.Tensor | None = None,
     w_k: torch.Tensor | None = None,
     *,
-    eps: float | None = None,
-    scale: float | None = None,
-    signed_sqrt: bool = True,
-    sqrt_clamp: float = 1e-6,
-    residual: bool = False,
     mask: torch.Tensor | None = None,
     save_stats: bool = True,
+    **options: object,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows = h.shape[:-1]
     acc = _acc_dtype(h.dtype)
@@ -42,19 +40,16 @@ def _gate_fake(
 def _gate_backward_fake(
     grad_o: torch.Tensor,
     grad_a: torch.Tensor | None,
+    a: torch.Tensor,
+    stats: torch.Tensor,
     h: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    w_q: torch.Tensor | None,
-    w_k: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    a: torch.Tensor,
-    stats: torch.Tensor,
+    w_q: torch.Tensor | None = None,
+    w_k: torch.Tensor | None = None,
     *,
-    scale: float | None = None,
-    signed_sqrt: bool = True,
-    sqrt_clamp: float = 1e-6,
-    residual: bool = False,
+    mask: torch.Tensor | None = None,
+    **options: object,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     def weight_grad(w: torch.Tensor | None) -> torch.Tensor:
         return h.new_empty((0,)) if w is None else w.new_empty(w.shape)

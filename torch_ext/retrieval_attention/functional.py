@@ -19,7 +19,7 @@ def gate(
     residual: bool = False,
     mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sigmoid gate of retrieval attention (SPEC §2), fused into one kernel per direction.
+    """The sigmoid gate of retrieval attention (docs/gate.md), fused into one kernel per direction.
 
     For every row (..., g)::
 
@@ -64,7 +64,7 @@ def gate(
 
 
 def ngram_hash(ids: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tensor, *, pad_id: int) -> torch.Tensor:
-    """Hashed n-gram ids of token ids (SPEC §4), as the Engram demo's ``NgramHashMapping``.
+    """Hashed n-gram ids of token ids (docs/ngram.md), as the Engram demo's ``NgramHashMapping``.
 
     For orders ``n = 2..max_n`` and heads ``j = 0..H-1``::
 

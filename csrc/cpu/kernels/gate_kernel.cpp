@@ -147,35 +147,29 @@ void forward_impl(const GateForwardParams& p) {
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
   const int64_t G = p.G, D = p.D, NG = p.N * p.G;
-  const auto* h = static_cast<const scalar_t*>(p.h);
-  const auto* k = static_cast<const scalar_t*>(p.k);
-  const auto* v = static_cast<const scalar_t*>(p.v);
-  const auto* w = static_cast<const acc_t*>(p.w);
-  auto* o = static_cast<scalar_t*>(p.o);
-  auto* a_out = static_cast<acc_t*>(p.a);
-  auto* stats = static_cast<acc_t*>(p.stats);
+  const GateForwardPointers<scalar_t> ptr(p);
   const auto eps = static_cast<acc_t>(p.eps);
   const auto scale = static_cast<acc_t>(p.scale);
-  const auto clamp = static_cast<acc_t>(p.sqrt_clamp);
+  const auto clamp = static_cast<acc_t>(p.options.sqrt_clamp);
 
   const int64_t grain = std::max<int64_t>(1, kForwardGrainElements / (G * D));
   at::parallel_for(0, p.N, grain, [&](int64_t begin, int64_t end) {
     for (const auto n : c10::irange(begin, end)) {
-      const scalar_t* vn = v + n * p.v_stride_n;
+      const scalar_t* vn = ptr.v + n * p.v_stride_n;
       const bool keep = p.mask == nullptr || p.mask[n];
       for (const auto g : c10::irange(G)) {
-        const scalar_t* hr = h + n * p.h_stride_n + g * p.h_stride_g;
-        const scalar_t* kr = k + n * p.k_stride_n + g * p.k_stride_g;
-        const auto st = row_stats<acc_t>(row_sums<scalar_t, kHasWeight>(hr, kr, kHasWeight ? w + g * D : nullptr, D), D,
-                                         eps, scale);
-        const acc_t a = gate_value<acc_t>(st.s, p.signed_sqrt, clamp, keep);
+        const scalar_t* hr = ptr.h + n * p.h_stride_n + g * p.h_stride_g;
+        const scalar_t* kr = ptr.k + n * p.k_stride_n + g * p.k_stride_g;
+        const auto st = row_stats<acc_t>(
+            row_sums<scalar_t, kHasWeight>(hr, kr, kHasWeight ? ptr.w + g * D : nullptr, D), D, eps, scale);
+        const acc_t a = gate_value<acc_t>(st.s, p.options.signed_sqrt, clamp, keep);
         const int64_t row = n * G + g;
-        a_out[row] = a;
-        if (stats != nullptr) {
-          store_stats(stats, NG, row, st);
+        ptr.a[row] = a;
+        if (ptr.stats != nullptr) {
+          store_stats(ptr.stats, NG, row, st);
         }
 
-        scalar_t* orow = o + row * D;
+        scalar_t* orow = ptr.o + row * D;
         const typename L::AccVec av(a);
         for_each_chunk<L::kWidth>(D, [&](int64_t d, int64_t cnt) {
           auto out = L::load(vn + d, cnt);
@@ -223,23 +217,13 @@ void backward_impl(const GateBackwardParams& p) {
   using acc_t = typename L::acc_t;
   using Chunk = typename L::Chunk;
   const int64_t N = p.N, G = p.G, D = p.D, NG = p.N * p.G;
-  const auto* go = static_cast<const scalar_t*>(p.grad_o);
-  const auto* ga = static_cast<const acc_t*>(p.grad_a);
-  const auto* h = static_cast<const scalar_t*>(p.h);
-  const auto* k = static_cast<const scalar_t*>(p.k);
-  const auto* v = static_cast<const scalar_t*>(p.v);
-  const auto* w = static_cast<const acc_t*>(p.w);
-  const auto* a_saved = static_cast<const acc_t*>(p.a);
-  const auto* stats = static_cast<const acc_t*>(p.stats);
-  auto* dh = static_cast<scalar_t*>(p.grad_h);
-  auto* dk = static_cast<scalar_t*>(p.grad_k);
-  auto* dv = static_cast<scalar_t*>(p.grad_v);
+  const GateBackwardPointers<scalar_t> ptr(p);
   const auto scale = static_cast<acc_t>(p.scale);
-  const auto clamp = static_cast<acc_t>(p.sqrt_clamp);
+  const auto clamp = static_cast<acc_t>(p.options.sqrt_clamp);
 
   const int64_t num_chunks = weight_grad_chunks(N);
   const int64_t tokens_per_chunk = (N + num_chunks - 1) / num_chunks;
-  auto* partials = static_cast<acc_t*>(p.grad_w_partials);
+  auto* partials = ptr.grad_w_partials;
   TORCH_INTERNAL_ASSERT(!kHasWeight || (partials != nullptr && p.num_partials == num_chunks));
 
   at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
@@ -260,13 +244,13 @@ void backward_impl(const GateBackwardParams& p) {
           const bool keep = p.mask == nullptr || p.mask[n];
           for (const auto g : c10::irange(G)) {
             const int64_t row = n * G + g;
-            const auto st = load_stats(stats, NG, row);
-            const acc_t a = a_saved[row];
-            acc_t da = row_dot(go + n * p.go_stride_n + g * p.go_stride_g, v + n * p.v_stride_n, D);
-            if (ga != nullptr) {
-              da += ga[row];
+            const auto st = load_stats(ptr.stats, NG, row);
+            const acc_t a = ptr.a[row];
+            acc_t da = row_dot(ptr.grad_o + n * p.go_stride_n + g * p.go_stride_g, ptr.v + n * p.v_stride_n, D);
+            if (ptr.grad_a != nullptr) {
+              da += ptr.grad_a[row];
             }
-            const acc_t ds = score_grad<acc_t>(da, a, st.s, p.signed_sqrt, clamp, keep);
+            const acc_t ds = score_grad<acc_t>(da, a, st.s, p.options.signed_sqrt, clamp, keep);
             rows[t * G + g] = {row_grad_coeffs<acc_t>(st, ds, scale, D), a};
           }
         }
@@ -278,15 +262,15 @@ void backward_impl(const GateBackwardParams& p) {
           for (const auto g : c10::irange(G)) {
             [[maybe_unused]] Chunk wv, dwv;
             if constexpr (kHasWeight) {
-              wv = L::load_acc(w + g * D + d, cnt);
+              wv = L::load_acc(ptr.w + g * D + d, cnt);
               dwv = L::load_acc(dw_part + g * D + d, cnt);
             }
             for (const auto t : c10::irange(tokens)) {
               const int64_t n = n0 + t;
               const auto& rb = rows[t * G + g];
-              const auto gov = L::load(go + n * p.go_stride_n + g * p.go_stride_g + d, cnt);
-              const auto hv = L::load(h + n * p.h_stride_n + g * p.h_stride_g + d, cnt);
-              const auto kv = L::load(k + n * p.k_stride_n + g * p.k_stride_g + d, cnt);
+              const auto gov = L::load(ptr.grad_o + n * p.go_stride_n + g * p.go_stride_g + d, cnt);
+              const auto hv = L::load(ptr.h + n * p.h_stride_n + g * p.h_stride_g + d, cnt);
+              const auto kv = L::load(ptr.k + n * p.k_stride_n + g * p.k_stride_g + d, cnt);
               Chunk dhv, dkv;
               const typename L::AccVec cross(rb.c.cross), self_q(rb.c.self_q), self_k(rb.c.self_k), av(rb.a);
               for (const auto i : c10::irange(L::kVecs)) {
@@ -303,15 +287,15 @@ void backward_impl(const GateBackwardParams& p) {
                 dv_acc[t][i] = at::vec::fmadd(av, gov[i], dv_acc[t][i]);
               }
               const int64_t out = (n * G + g) * D + d;
-              L::store(dh + out, dhv, cnt);
-              L::store(dk + out, dkv, cnt);
+              L::store(ptr.grad_h + out, dhv, cnt);
+              L::store(ptr.grad_k + out, dkv, cnt);
             }
             if constexpr (kHasWeight) {
               L::store_acc(dw_part + g * D + d, dwv, cnt);
             }
           }
           for (const auto t : c10::irange(tokens)) {
-            L::store(dv + (n0 + t) * D + d, dv_acc[t], cnt);
+            L::store(ptr.grad_v + (n0 + t) * D + d, dv_acc[t], cnt);
           }
         });
       }
@@ -319,7 +303,7 @@ void backward_impl(const GateBackwardParams& p) {
   });
 
   if constexpr (kHasWeight) {
-    auto* grad_w = static_cast<acc_t*>(p.grad_w);
+    auto* grad_w = ptr.grad_w;
     const int64_t GD = G * D;
     at::parallel_for(0, GD, 1 << 12, [&](int64_t begin, int64_t end) {
       for (const auto i : c10::irange(begin, end)) {
@@ -336,7 +320,7 @@ void backward_impl(const GateBackwardParams& p) {
 void gate_forward(const GateForwardParams& p, c10::ScalarType dtype) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "retrieval_attention::gate (CPU)", [&] {
     RA_BOOL_SWITCH(p.w != nullptr, kHasWeight, [&] {
-      RA_BOOL_SWITCH(p.residual, kResidual, [&] { forward_impl<scalar_t, kHasWeight, kResidual>(p); });
+      RA_BOOL_SWITCH(p.options.residual, kResidual, [&] { forward_impl<scalar_t, kHasWeight, kResidual>(p); });
     });
   });
 }
@@ -344,7 +328,7 @@ void gate_forward(const GateForwardParams& p, c10::ScalarType dtype) {
 void gate_backward(const GateBackwardParams& p, c10::ScalarType dtype) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "retrieval_attention::gate_backward (CPU)", [&] {
     RA_BOOL_SWITCH(p.w != nullptr, kHasWeight, [&] {
-      RA_BOOL_SWITCH(p.residual, kResidual, [&] { backward_impl<scalar_t, kHasWeight, kResidual>(p); });
+      RA_BOOL_SWITCH(p.options.residual, kResidual, [&] { backward_impl<scalar_t, kHasWeight, kResidual>(p); });
     });
   });
 }
