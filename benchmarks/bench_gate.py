@@ -1,4 +1,4 @@
-"""Benchmark the fused gate against the plain-PyTorch reference (SPEC §2, §5).
+"""Benchmark the fused gate against the plain-PyTorch reference (docs/gate.md, docs/accuracy.md).
 
 Three implementations of the same operator, side by side:
 
@@ -51,7 +51,7 @@ from retrieval_attention import reference
 GateFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 IMPLS = ("ours", "eager", "compiled")
 PHASES = ("fwd", "bwd", "fwd+bwd")
-NUM_STATS = 3  # r_q, r_k, s: float32 [N, G] each, saved for the backward (SPEC §2)
+NUM_STATS = 3  # r_q, r_k, s: float32 [N, G] each, saved for the backward (docs/gate.md)
 
 
 @dataclass(frozen=True)
@@ -132,8 +132,8 @@ def op_bytes(inputs: Sequence[torch.Tensor], phase: str) -> int:
 def floor_bytes(inputs: Sequence[torch.Tensor], phase: str) -> int:
     """Memory a phase must allocate: its outputs (o, a, stats) and/or the gradients.
 
-    SPEC §2 allows only O(N * G) on top (no N * G * D temporary): the memory target of
-    issue #4 is that ours' peak minus this floor stays that small.
+    The gate may add only O(N * G) on top (no N * G * D temporary, docs/gate.md), so ours'
+    peak minus this floor should stay that small.
     """
     h = inputs[0]
     n_rows = h.numel() // h.shape[-1]

@@ -1,4 +1,4 @@
-"""The retrieval gate on "Harry Potter dropped his wand" (SPEC §1), end to end on toy numbers.
+"""The retrieval gate on "Harry Potter dropped his wand" (docs/README.md), end to end on toy numbers.
 
 Every token gets a hidden state ``h`` (G = 2 branches of size D = 64) and a retrieved
 memory: the embedding ``e`` of the hashed bigram that ends at it, projected to a key per
@@ -30,7 +30,7 @@ AGREE = {("Potter", 0): 3.0, ("wand", 1): -2.0}  # token, branch -> key = factor
 
 
 def bigram_ids(tokens: list[str]) -> list[int]:
-    """Row of the bigram ending at each token in a hashed table (Engram hashes n-grams, SPEC §4)."""
+    """Row of the bigram ending at each token in a hashed table (Engram hashes n-grams, docs/ngram.md)."""
     previous = ["<s>", *tokens[:-1]]
     return [zlib.crc32(f"{p} {t}".encode()) % TABLE_SIZE for p, t in zip(previous, tokens, strict=True)]
 

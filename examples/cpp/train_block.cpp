@@ -1,4 +1,4 @@
-// Trains the retrieval block of SPEC §3 from C++ alone: LibTorch for the projection and the short
+// Trains the retrieval block (docs/block.md) from C++ alone: LibTorch for the projection and the short
 // convolution, the library's gate operator through the dispatcher (its Autograd kernel gives the
 // gradients). A student block learns to reproduce a teacher block of the same shape, so the loss
 // can fall well; the program exits non-zero if it does not fall, which makes it a test.
@@ -28,7 +28,7 @@ constexpr int kSteps = 40;
 constexpr double kLearningRate = 4.0;  // large, because the mean over B*T*G*D elements keeps each gradient small
 constexpr uint64_t kSeed = 0;
 
-// SPEC §3 with the short convolution: h [B, T, G, D] and e [B, T, D_e] in, y [B, T, G, D] out.
+// The block with the short convolution: h [B, T, G, D] and e [B, T, D_e] in, y [B, T, G, D] out.
 struct RetrievalBlockImpl : torch::nn::Module {
   torch::nn::Linear kv{nullptr};  // fused W_kv: rows 0..D-1 give v, then one block of D per branch's key
   Tensor w_q, w_k;                // the gate's RMSNorm weights [G, D]

@@ -90,7 +90,7 @@ class RetrievalGate(nn.Module):
 
 
 class ShortConv(nn.Module):
-    """The block's short convolution (SPEC §3): ``SiLU(CausalDepthwiseConv1d(RMSNorm_g(x)))``.
+    """The block's short convolution (docs/block.md): ``SiLU(CausalDepthwiseConv1d(RMSNorm_g(x)))``.
 
     Args:
         hidden_size: ``D``.
@@ -152,7 +152,7 @@ class ShortConv(nn.Module):
 
 
 class RetrievalAttention(nn.Module):
-    """The retrieval block of SPEC §3 (Engram's gate), built on the fused gate operator.
+    """The retrieval block of docs/block.md (Engram's gate), built on the fused gate operator.
 
     ::
 
@@ -198,7 +198,7 @@ class RetrievalAttention(nn.Module):
         self.hidden_size = hidden_size
         self.embed_size = embed_size
         self.num_branches = num_branches
-        # Rows 0..D-1 are W_V, then W_K of branch 0..G-1 (SPEC §3).
+        # Rows 0..D-1 are W_V, then W_K of branch 0..G-1, so one matrix product gives v and every k.
         self.kv_proj = nn.Linear(embed_size, (num_branches + 1) * hidden_size, **factory)
         self.gate = RetrievalGate(hidden_size, num_branches, eps, residual=not short_conv, **factory)
         self.short_conv = (

@@ -1,4 +1,4 @@
-"""Hashed n-gram embeddings (SPEC §4): the demo's hash tables and the embedding module.
+"""Hashed n-gram embeddings (docs/ngram.md): the demo's hash tables and the embedding module.
 
 ``ngram_hash_tables`` derives the multipliers and primes of the official Engram demo's
 ``NgramHashMapping`` from a seed; ``NgramHashEmbedding`` hashes token ids with the fused

@@ -1,4 +1,4 @@
-"""The plain-PyTorch reference of SPEC §5, used by the tests and the benchmarks.
+"""The plain-PyTorch reference of docs/accuracy.md, used by the tests and the benchmarks.
 
 It never calls this library's kernels: one eager PyTorch op at a time, as the
 official Engram demo computes the gate.
@@ -63,7 +63,7 @@ def gate(
 def short_conv(
     x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, *, dilation: int = 3, eps: float = 1e-5
 ) -> torch.Tensor:
-    """Reference of the block's short convolution (SPEC §3), branch by branch as the demo.
+    """Reference of the block's short convolution (docs/block.md), branch by branch as the demo.
 
     ``x`` ``[B, T, G, D]``, ``weight`` ``[G * D, 1, K]``, ``norm_weight`` ``[G, D]``; returns
     ``SiLU(CausalDepthwiseConv1d(RMSNorm_g(x)))`` ``[B, T, G, D]``.
@@ -90,7 +90,7 @@ def retrieval_attention(
     conv_eps: float = 1e-5,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reference of the block (SPEC §3): ``hidden`` ``[B, T, G, D]``, ``retrieved`` ``[B, T, D_e]``,
+    """Reference of the block (docs/block.md): ``hidden`` ``[B, T, G, D]``, ``retrieved`` ``[B, T, D_e]``,
     ``kv_weight`` ``[(G + 1) * D, D_e]``. With ``conv_weight`` None it returns ``hidden + a * v``."""
     G, D = hidden.shape[-2:]
     kv = F.linear(retrieved, kv_weight, kv_bias)
@@ -102,7 +102,7 @@ def retrieval_attention(
 
 
 def ngram_hash(ids: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tensor, *, pad_id: int) -> torch.Tensor:
-    """Reference of :func:`retrieval_attention.ngram_hash` (SPEC §4), shifted copies as the demo.
+    """Reference of :func:`retrieval_attention.ngram_hash` (docs/ngram.md), shifted copies as the demo.
 
     ``ids`` ``[B, T]``, ``multipliers`` ``[max_n]``, ``primes`` ``[max_n - 1, H]``, all int64;
     returns ``[B, T, (max_n - 1) * H]`` int64. torch's int64 multiply wraps around and
