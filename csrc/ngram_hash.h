@@ -1,4 +1,4 @@
-// Entry points of the ngram_hash operator (SPEC §4), one per backend.
+// Entry points of the ngram_hash operator (docs/ngram.md), one per backend.
 //
 //   ids          [B, T]                int64 >= 0, any strides
 //   multipliers  [max_n]               int64 (odd), max_n >= 2

@@ -1,4 +1,4 @@
-// Row math of the gate (SPEC §2), shared by the CPU and CUDA kernels.
+// Row math of the gate (docs/gate.md), shared by the CPU and CUDA kernels.
 //
 // Everything here works on one (n, g) row's scalars, in the accumulation type
 // acc_t (float, or double for double inputs). The kernels only stream the
@@ -100,7 +100,7 @@ C10_HOST_DEVICE inline acc_t score_grad(acc_t da, acc_t a, acc_t s, bool use_sig
 
 // Per-row coefficients of the backward's elementwise pass, in the raw (unnormalized) inputs:
 //   dh = cross * k * w - self_q * h      dk = cross * h * w - self_k * k      dW += cross * h * k
-// from dh = r_q * (ds * scale * x_k * w - x_q * ds * s / D) and its twin for k (SPEC §2).
+// from dh = r_q * (ds * scale * x_k * w - x_q * ds * s / D) and its twin for k (docs/gate.md).
 template <typename acc_t>
 struct RowGradCoeffs {
   acc_t cross;

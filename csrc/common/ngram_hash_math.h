@@ -1,4 +1,4 @@
-// Per-element math of ngram_hash (SPEC §4), shared by the CPU and CUDA kernels so the
+// Per-element math of ngram_hash (docs/ngram.md), shared by the CPU and CUDA kernels so the
 // CPU tests cover the exact arithmetic the GPU runs.
 #pragma once
 
