@@ -9,50 +9,42 @@ import torch
 
 from retrieval_attention import gate, reference
 
-from conftest import DTYPES, HAS_CUDA
-from gate_cases import Case, as_float64, check_against_reference, make_leaves, run
-from tolerances import assert_close_to_truth
+import gate_harness
+from conftest import DTYPES, NEEDS_CUDA
+from gate_harness import GateCase, check
+from tolerances import assert_agree, assert_close_to_truth
 
-pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine")
+pytestmark = NEEDS_CUDA
 
-AGREEMENT_OPTIONS = [{}, {"weights": "none", "residual": True, "mask": True}, {"layout": "fused_kv"}]
+AGREEMENT_OPTIONS = [{}, {"w_q": "none", "w_k": "none", "residual": True, "mask": True}, {"fused_kv": True}]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("option", range(len(AGREEMENT_OPTIONS)))
-def test_cpu_and_cuda_agree(dtype: torch.dtype, option: int) -> None:
+def test_cpu_and_cuda_agree(dtype: torch.dtype, option: int, seed: int) -> None:
     """The same inputs on both devices: CUDA is as close to the CPU kernel as the CPU kernel is to the truth."""
-    case = Case((37,), 3, 264, dtype=dtype, **AGREEMENT_OPTIONS[option])
-    leaves = make_leaves(case)
-    mask = torch.rand(case.lead) > 0.3 if case.mask else None
-    grad_o = torch.randn(*case.lead, case.G, case.D, dtype=torch.float64)
-    grad_a = torch.randn(*case.lead, case.G, dtype=torch.float64)
-    eps = torch.finfo(dtype).eps
-    cpu = run(case, gate, leaves, grad_o, grad_a, mask)
-    truth = run(case, reference.gate, as_float64(leaves), grad_o, grad_a, mask, eps=eps)
-
+    case = GateCase((37,), 3, 264, dtype=dtype, seed=seed, **AGREEMENT_OPTIONS[option])
+    vals = gate_harness.values(case)
+    cpu_views = gate_harness.inputs(case, vals)
+    cpu = gate_harness.run_gate(case, cpu_views, vals)
+    truth = gate_harness.reference(case, cpu_views, vals, truth=True)
     cuda_case = dataclasses.replace(case, device="cuda")
-    cuda_leaves = {n: None if t is None else t.detach().cuda().requires_grad_(True) for n, t in leaves.items()}
-    on_cuda = lambda t: None if t is None else t.cuda()  # noqa: E731
-    gpu = run(cuda_case, gate, cuda_leaves, grad_o.cuda(), grad_a.cuda(), on_cuda(mask))
-
-    for i, what in enumerate(("o", "a")):
-        assert_close_to_truth(gpu[0][i].cpu(), cpu[0][i], truth[0][i], dtype, f"CUDA vs CPU {what}")
-    for name, grad in gpu[1].items():
-        assert_close_to_truth(grad.cpu(), cpu[1][name], truth[1][name], dtype, f"CUDA vs CPU grad {name}")
+    gpu = gate_harness.run_gate(cuda_case, gate_harness.inputs(cuda_case, vals), vals)
+    for name, ours in gpu.items():
+        assert_close_to_truth(ours.cpu(), cpu[name], truth[name], dtype, f"CUDA vs CPU {name}")
 
 
 @pytest.mark.parametrize("D", [2560, 4096, 7168])
-def test_engram_sizes_bfloat16(D: int) -> None:
+def test_engram_sizes_bfloat16(D: int, seed: int) -> None:
     """N = 8192 tokens, 4 branches; 2560 is Engram-27B's hidden size, 4096 and 7168 DeepSeek's."""
-    check_against_reference(Case((8192,), 4, D, dtype=torch.bfloat16, device="cuda", mask=True))
+    check(GateCase((8192,), 4, D, dtype=torch.bfloat16, device="cuda", mask=True, seed=seed))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_unaligned_rows_take_the_scalar_path(dtype: torch.dtype) -> None:
+def test_unaligned_rows_take_the_scalar_path(dtype: torch.dtype, seed: int) -> None:
     """Rows starting one element past a 16-byte boundary (and D not a multiple of the pack)."""
-    check_against_reference(Case((11,), 2, 67, dtype=dtype, device="cuda", layout="fused_kv", residual=True))
-    check_against_reference(Case((11,), 2, 64, dtype=dtype, device="cuda", layout="fused_kv"))
+    check(GateCase((11,), 2, 67, dtype=dtype, device="cuda", fused_kv=True, residual=True, seed=seed))
+    check(GateCase((11,), 2, 64, dtype=dtype, device="cuda", fused_kv=True, seed=seed))
 
 
 def test_offset_storage() -> None:
@@ -62,8 +54,8 @@ def test_offset_storage() -> None:
     k, v = torch.randn(N, G, D, device="cuda"), torch.randn(N, D, device="cuda")
     o, a = gate(h, k, v)
     ref_o, ref_a = reference.gate(h, k, v)
-    torch.testing.assert_close(o, ref_o)
-    torch.testing.assert_close(a, ref_a)
+    assert_agree(o, ref_o, "o")
+    assert_agree(a, ref_a, "a")
 
 
 def test_cuda_graph_capture_and_replay() -> None:
@@ -75,7 +67,9 @@ def test_cuda_graph_capture_and_replay() -> None:
 
     def step() -> tuple[torch.Tensor, ...]:
         o, a, stats = torch.ops.retrieval_attention.gate(h, k, v, w_q, w_k)
-        grads = torch.ops.retrieval_attention.gate_backward(go, None, h, k, v, w_q, w_k, None, a, stats)
+        grads = torch.ops.retrieval_attention.gate_backward(
+            grad_o=go, grad_a=None, a=a, stats=stats, h=h, k=k, v=v, w_q=w_q, w_k=w_k, mask=None
+        )
         return (o, a, *grads)
 
     side = torch.cuda.Stream()
@@ -109,5 +103,5 @@ def test_compile_reduce_overhead() -> None:
         eager_args = [t.detach().clone().requires_grad_(True) for t in args]
         grads = torch.autograd.grad(compiled(*args), args)
         eager = torch.autograd.grad(loss(*eager_args), eager_args)
-        for g, e in zip(grads, eager, strict=True):
-            torch.testing.assert_close(g, e)
+        for name, g, e in zip(("h", "k", "v", "w_q", "w_k"), grads, eager, strict=True):
+            assert_agree(g, e, f"grad {name}")

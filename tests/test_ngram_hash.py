@@ -1,4 +1,8 @@
-"""ngram_hash (SPEC §4) against the Engram demo's NumPy hashing, its tables, and NgramHashEmbedding."""
+"""ngram_hash (docs/ngram.md) against the Engram demo's NumPy hashing; its tables; NgramHashEmbedding.
+
+Also a hypothesis property against a NumPy implementation (exact), and every bad input, each once in a
+child process (tests/bad_input.py).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,16 @@ import numpy as np
 import pytest
 import torch
 import torch._dynamo
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import retrieval_attention
 from retrieval_attention import NgramHashEmbedding, functional, ngram_hash_tables, reference
 from retrieval_attention.ngram import is_prime
 
-from conftest import DEVICES, HAS_CUDA
+import bad_input
+from bad_input import BadCase
+from conftest import DEVICE_NAMES, DEVICES, FUZZ_SETTINGS, NEEDS_CUDA
 
 MERSENNE_61 = 2**61 - 1  # a prime near the top of int64: the modulo sees every bit of mix
 
@@ -169,37 +177,77 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_names_the_argument(case: str) -> None:
-    args, name, error = BAD_INPUTS[case]
-    with pytest.raises(error, match=name) as info:
-        functional.ngram_hash(args["ids"], args["multipliers"], args["primes"], pad_id=args["pad_id"])
-    message = str(info.value)
-    assert "expected" in message and "got" in message, message
+def _ngram_call(args: dict, via: str = "functional"):
+    def build() -> tuple:
+        positional = tuple(args[name].clone() for name in ("ids", "multipliers", "primes"))
+        fn = torch.ops.retrieval_attention.ngram_hash if via == "op" else functional.ngram_hash
+        return fn, positional, {"pad_id": args["pad_id"]}
+
+    return build
 
 
-def test_negative_id_found_in_any_chunk() -> None:
-    _, multipliers, primes, _ = _case("many_chunks", "cpu")
-    ids = torch.randint(0, 2**40, (4, 3000))
-    ids[3, 2999] = -5
-    with pytest.raises(ValueError, match=r"`ids`.*got -5"):
-        functional.ngram_hash(ids, multipliers, primes, pad_id=0)
+def _late_negative_ids() -> torch.Tensor:
+    """Many parallel chunks of ids, the very last id negative."""
+    ids = torch.randint(0, 2**40, (4, 3000), generator=torch.Generator().manual_seed(0))
+    ids[3, 2999] = -(2**62)
+    return ids
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine")
-@pytest.mark.parametrize("on_cpu", ["ids", "multipliers", "primes"])
-def test_devices_differ(on_cpu: str) -> None:
-    args = {k: v.cuda() if isinstance(v, torch.Tensor) and k != on_cpu else v for k, v in _bad().items()}
-    with pytest.raises(RuntimeError, match=f"`{on_cpu}`"):
-        functional.ngram_hash(args["ids"], args["multipliers"], args["primes"], pad_id=0)
+MORE_BAD_INPUTS = {
+    "ids_float": (_bad(ids=torch.zeros(2, 5)), "`ids`", TypeError),
+    "ids_uint8": (_bad(ids=torch.zeros(2, 5, dtype=torch.uint8)), "`ids`", TypeError),
+    "ids_rank3": (_bad(ids=torch.zeros(2, 5, 1, dtype=torch.int64)), "`ids`", ValueError),
+    "ids_negative_strided": (_bad(ids=-torch.ones(6, 10, dtype=torch.int64)[::2, ::3]), "`ids`", ValueError),
+    "multipliers_int32": (_bad(multipliers=torch.tensor([3, 5, 7], dtype=torch.int32)), "`multipliers`", TypeError),
+    "multipliers_too_many": (_bad(multipliers=torch.tensor([3, 5, 7, 9])), "`primes`", ValueError),
+    "primes_float": (_bad(primes=torch.ones(2, 2)), "`primes`", TypeError),
+    "primes_last_negative": (_bad(primes=torch.tensor([[11, 13], [17, -(2**62)]])), "`primes`", ValueError),
+    "primes_all_zero": (_bad(primes=torch.zeros(2, 2, dtype=torch.int64)), "`primes`", ValueError),
+    "pad_id_very_negative": (_bad(pad_id=-(2**63)), "`pad_id`", ValueError),
+}
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine")
-def test_cuda_bad_primes_and_unchecked_negative_ids() -> None:
+def _embedding_negative_id() -> tuple:
+    module = NgramHashEmbedding.from_seed([61, 53], 2, 8, token_vocab_size=50)
+    return module, (torch.tensor([[3, 4, -1, 5]]),), {}
+
+
+def _cuda_call(on_cpu: str | None, negate_primes: bool = False):
+    """Every tensor on the GPU but ``on_cpu``; or bad primes on the GPU."""
+
+    def build() -> tuple:
+        args = {n: t if n == on_cpu or not isinstance(t, torch.Tensor) else t.cuda() for n, t in _bad().items()}
+        primes = -args["primes"] if negate_primes else args["primes"]
+        return functional.ngram_hash, (args["ids"], args["multipliers"], primes), {"pad_id": 0}
+
+    return build
+
+
+CASES: dict[str, BadCase] = {
+    **bad_input.named(BAD_INPUTS, _ngram_call, "ngram"),
+    **bad_input.named(BAD_INPUTS, _ngram_call, "ngram_op", via="op"),
+    **bad_input.named(MORE_BAD_INPUTS, _ngram_call, "ngram"),
+    "ngram-ids_negative_last_of_many_chunks": BadCase(
+        _ngram_call(_bad(ids=_late_negative_ids())), ValueError, r"`ids`.*got -4611686018427387904"
+    ),
+    "embedding-negative_id": BadCase(_embedding_negative_id, ValueError, "`ids`"),
+    **{
+        f"cuda_devices-{name}": BadCase(_cuda_call(name), RuntimeError, f"`{name}`", cuda=True)
+        for name in ("ids", "multipliers", "primes")
+    },
+    "cuda-primes_negative": BadCase(_cuda_call(None, negate_primes=True), ValueError, "`primes`", cuda=True),
+}
+
+
+@bad_input.parametrize(CASES)
+def test_bad_input_names_the_argument(name: str) -> None:
+    bad_input.check_in_child(__name__, name)
+
+
+@NEEDS_CUDA
+def test_cuda_does_not_check_for_negative_ids() -> None:
+    """Negative ids are not looked for on CUDA; they hash as NumPy's wrapping arithmetic does."""
     args = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in _bad().items()}
-    with pytest.raises(ValueError, match="`primes`"):
-        functional.ngram_hash(args["ids"], args["multipliers"], -args["primes"], pad_id=0)
-    # Negative ids are not looked for on CUDA; they hash as NumPy's wrapping arithmetic does.
     ids = -torch.randint(1, 2**40, (2, 9), device="cuda")
     out = functional.ngram_hash(ids, args["multipliers"], args["primes"], pad_id=0)
     assert torch.equal(out.cpu(), _expected(ids, args["multipliers"], args["primes"], 0))
@@ -238,12 +286,12 @@ def _demo_tables(vocab_sizes, H, token_vocab_size, layer_ids, seed):
 
 
 @pytest.mark.parametrize(
-    "vocab_sizes, H, token_vocab_size, layer_ids, seed",
+    "vocab_sizes, H, token_vocab_size, layer_ids, table_seed",
     [([20000, 20000], 8, 129280, (1, 15), 0), ([1000, 500, 300], 2, 50000, (0, 3, 7), 42), ([7], 1, 10, (0,), 1)],
 )
-def test_tables_reproduce_demo(vocab_sizes, H, token_vocab_size, layer_ids, seed) -> None:
-    tables = ngram_hash_tables(vocab_sizes, H, token_vocab_size=token_vocab_size, layer_ids=layer_ids, seed=seed)
-    expected = _demo_tables(vocab_sizes, H, token_vocab_size, layer_ids, seed)
+def test_tables_reproduce_demo(vocab_sizes, H, token_vocab_size, layer_ids, table_seed) -> None:
+    tables = ngram_hash_tables(vocab_sizes, H, token_vocab_size=token_vocab_size, layer_ids=layer_ids, seed=table_seed)
+    expected = _demo_tables(vocab_sizes, H, token_vocab_size, layer_ids, table_seed)
     assert list(tables) == list(layer_ids)
     all_primes = []
     for layer_id, (multipliers, primes) in tables.items():
@@ -323,3 +371,88 @@ def test_embedding_compile_fullgraph(device: str) -> None:
 def test_exported() -> None:
     for name in ("ngram_hash", "NgramHashEmbedding", "ngram_hash_tables"):
         assert name in retrieval_attention.__all__ and hasattr(retrieval_attention, name)
+
+
+# The property: ngram_hash against NumPy, exactly, over drawn tables, ids, layouts and devices.
+
+
+def numpy_ngram_hash(ids: np.ndarray, multipliers: np.ndarray, primes: np.ndarray, pad_id: int) -> np.ndarray:
+    """docs/ngram.md written out: mix_t(n) = XOR_{i < n} x_{t-i} * m_i (pad_id before the start, int64
+    products wrapping around), idx = mix mod P(n, j) with the floor modulo of NumPy's ``%``."""
+    B, T = ids.shape
+    max_n, H = len(multipliers), primes.shape[1]
+    padded = np.concatenate([np.full((B, max_n - 1), pad_id, dtype=np.int64), ids], axis=1)
+    out = np.empty((B, T, (max_n - 1) * H), dtype=np.int64)
+    mix = ids * multipliers[0]  # arrays of int64 wrap around silently
+    for n in range(2, max_n + 1):
+        i = n - 1
+        shifted = padded[:, max_n - 1 - i : max_n - 1 - i + T]  # x_{t-i}
+        mix = np.bitwise_xor(mix, shifted * multipliers[i])
+        for j in range(H):
+            out[:, :, (n - 2) * H + j] = mix % primes[n - 2, j]
+    return out
+
+
+INT64_MAX = 2**63 - 1
+NGRAM_MIN_EXAMPLES = 500
+
+
+@st.composite
+def ngram_examples(draw) -> dict:
+    max_n = draw(st.integers(2, 5))
+    H = draw(st.integers(1, 8))
+    return {
+        "B": draw(st.integers(0, 4)),
+        "T": draw(st.integers(0, 300)),
+        # Odd, anywhere in int64 (negative ones too), so the products wrap and mix takes both signs.
+        "multipliers": draw(
+            st.lists(st.integers(-(2**63), INT64_MAX).map(lambda m: m | 1), min_size=max_n, max_size=max_n)
+        ),
+        # Positive; neither prime nor distinct is required by the operator. Small ones and ones near 2^63.
+        "primes": draw(
+            st.lists(
+                st.integers(1, 100) | st.integers(1, INT64_MAX) | st.integers(INT64_MAX - 1000, INT64_MAX),
+                min_size=(max_n - 1) * H,
+                max_size=(max_n - 1) * H,
+            )
+        ),
+        "H": H,
+        "id_high": draw(st.sampled_from([1, 2, 1000, 2**31, 2**40, 2**62])),
+        "pad_id": draw(st.integers(0, 10) | st.integers(0, INT64_MAX)),
+        "layout": draw(st.sampled_from(["contiguous", "transposed", "strided", "offset", "expanded"])),
+        "device": draw(st.sampled_from(DEVICE_NAMES)),
+        "seed": draw(st.integers(0, 2**32 - 1)),
+    }
+
+
+def _ngram_ids(ex: dict) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(ex["seed"])
+    B, T, layout = ex["B"], ex["T"], ex["layout"]
+
+    def randint(*shape: int) -> torch.Tensor:
+        return torch.randint(0, ex["id_high"], shape, generator=gen, dtype=torch.int64).to(ex["device"])
+
+    if layout == "transposed":
+        return randint(T, B).t()
+    if layout == "strided":
+        return randint(2 * B, 3 * T)[::2, 1::3]
+    if layout == "offset":
+        return randint(B * T + 1)[1:].view(B, T)
+    if layout == "expanded":
+        return randint(1, T).expand(B, T)
+    return randint(B, T)
+
+
+# Its examples cost ~1 ms, so it gets more than the profile's count in CI.
+@settings(FUZZ_SETTINGS, max_examples=max(FUZZ_SETTINGS.max_examples, NGRAM_MIN_EXAMPLES))
+@given(ex=ngram_examples())
+def test_ngram_hash_property(ex: dict) -> None:
+    ids = _ngram_ids(ex)
+    device = ex["device"]
+    multipliers = torch.tensor(ex["multipliers"], dtype=torch.int64, device=device)
+    primes = torch.tensor(ex["primes"], dtype=torch.int64, device=device).view(-1, ex["H"])
+    out = retrieval_attention.ngram_hash(ids, multipliers, primes, pad_id=ex["pad_id"])
+    expected = numpy_ngram_hash(ids.cpu().numpy(), multipliers.cpu().numpy(), primes.cpu().numpy(), ex["pad_id"])
+    assert out.dtype == torch.int64 and out.device == ids.device and out.is_contiguous()
+    assert out.shape == (ex["B"], ex["T"], primes.numel())
+    assert torch.equal(out.cpu(), torch.from_numpy(expected))
