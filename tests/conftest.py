@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,11 +16,18 @@ from retrieval_attention import NgramHashEmbedding, RetrievalAttention
 
 from tolerances import WORST
 
-# Inductor's caches do not tell ATEN_CPU_CAPABILITY values apart: a kernel generated for one vector width
-# is loaded under another and computes wrong values. So each capability compiles into its own folder.
+# Inductor's caches tell neither ATEN_CPU_CAPABILITY values nor builds of this library apart: a kernel
+# generated for one vector width computes wrong values under another, and a cached backward calls
+# gate_backward with the argument order of the build it was compiled against. So each capability and
+# each build compiles into its own folder.
 _CAPABILITY = os.environ.get("ATEN_CPU_CAPABILITY", "").lower() or "native"
+_BUILD = zlib.crc32(
+    " ".join(
+        f"{lib}:{lib.stat().st_mtime_ns}" for lib in sorted(Path(retrieval_attention.__file__).parent.glob("*.so"))
+    ).encode()
+)
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
-    os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir(), f"capability_{_CAPABILITY}"
+    os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir(), f"capability_{_CAPABILITY}-build_{_BUILD:08x}"
 )
 
 HAS_CUDA = torch.cuda.is_available()
