@@ -38,7 +38,8 @@ CMAKE_BUILD := build/cmake
 CMAKE_DEV_ARGS := -DRA_BUILD_TESTS=ON -DRA_BUILD_EXAMPLES=ON $(CMAKE_ARGS)
 RUN := PYTHONPATH=$(CURDIR)/torch_ext $(PY)
 # The ctest of the CMake that configured a build directory (the venv's cmake package or the system's).
-CTEST := "$$(sed -n 's/^CMAKE_CTEST_COMMAND:INTERNAL=//p' CMakeCache.txt)" --output-on-failure --parallel $(MAX_JOBS) --output-junit ctest.xml
+CTEST := "$$(sed -n 's/^CMAKE_CTEST_COMMAND:INTERNAL=//p' CMakeCache.txt)" \
+	--output-on-failure --parallel $(MAX_JOBS) --output-junit ctest.xml
 GTEST := dpkg -s googletest libgtest-dev >/dev/null 2>&1 || \
 	(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq googletest libgtest-dev)
 
