@@ -1,14 +1,16 @@
-# The README's commands. Each target sets up what it needs on a fresh machine:
-# a virtual environment .venv with torch from this machine's local wheels, the
-# extension built in place (incrementally: a second run rebuilds nothing unchanged).
+# The README's commands. Each target sets up what it needs on a fresh machine: a virtual environment
+# .venv with torch from this machine's local wheels, and the one CMake build, driven by setup.py, in
+# build/cmake: the library and _C in torch_ext/retrieval_attention, the C++ tests and example beside
+# (incremental: a second run compiles nothing unchanged).
 #
-#   make test            build, then the whole test suite: pytest and the C++ tests (ctest)
+#   make test            build, then the whole test suite on the same binaries: pytest and ctest
 #   make demo            the main job: a small LM trained with and without the block (DEMO_ARGS=...)
 #   make demo-gate       the gate alone on "Harry Potter dropped his wand"
 #   make bench           CPU (and GPU where present) benchmarks
-#   make build           only the extension
-#   make test-asan       the C++ under AddressSanitizer + UBSan (a CPU-only copy in build/asan and
-#                        build/cmake-asan): the CPU tests and ctest; any sanitizer report fails it
+#   make build           only the build
+#   make test-cpp        only ctest (the C++ tests and example)
+#   make test-asan       the same build with RA_SANITIZE (AddressSanitizer + UBSan), CPU only, in build/asan:
+#                        the CPU tests and ctest; any sanitizer report fails it
 #   make fuzz-long       the property tests (hypothesis) in their long profile: >= 10,000 examples each
 #   make lint            ruff and clang-format checks
 #
@@ -31,12 +33,15 @@ PY := $(VENV)/bin/python
 ENV_STAMP := $(VENV)/.installed
 endif
 
-EXT_SUFFIX = $(shell $(PY) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
-EXTENSION = torch_ext/retrieval_attention/_C$(EXT_SUFFIX)
-SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py \
-	torch_ext/retrieval_attention/_version.py
 CMAKE_BUILD := build/cmake
+# The C++ tests and example too; a pip install builds neither.
+CMAKE_DEV_ARGS := -DRA_BUILD_TESTS=ON -DRA_BUILD_EXAMPLES=ON $(CMAKE_ARGS)
 RUN := PYTHONPATH=$(CURDIR)/torch_ext $(PY)
+# The ctest of the CMake that configured a build directory (the venv's cmake package or the system's).
+CTEST := "$$(sed -n 's/^CMAKE_CTEST_COMMAND:INTERNAL=//p' CMakeCache.txt)" \
+	--output-on-failure --parallel $(MAX_JOBS) --output-junit ctest.xml
+GTEST := dpkg -s googletest libgtest-dev >/dev/null 2>&1 || \
+	(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq googletest libgtest-dev)
 
 .PHONY: setup build test test-python test-cpp demo demo-gate bench lint clean build-asan test-asan fuzz-long
 
@@ -55,38 +60,27 @@ endif
 
 setup: $(ENV_STAMP)
 
-$(EXTENSION): $(ENV_STAMP) $(SOURCES)
-	$(PY) setup.py build_ext --inplace
-	touch $@
-
-build: $(EXTENSION)
+# Always run: CMake and ninja decide what is out of date, in about a second when nothing is.
+build: $(ENV_STAMP)
+	@$(GTEST)
+	CMAKE_ARGS="$(CMAKE_DEV_ARGS)" $(PY) setup.py -q build_ext --inplace --build-temp $(CMAKE_BUILD)
 
 test: test-python test-cpp
 
 test-python: build
 	$(RUN) -m pytest tests $(PYTEST_ARGS)
 
-# GoogleTest from Debian; cmake finds LibTorch through torch's own CMake config.
-$(CMAKE_BUILD)/CMakeCache.txt: $(ENV_STAMP) CMakeLists.txt
-	@dpkg -s googletest libgtest-dev >/dev/null 2>&1 || \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq googletest libgtest-dev)
-	cmake -S . -B $(CMAKE_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release \
-		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
+test-cpp: build
+	cd $(CMAKE_BUILD) && $(CTEST)
 
-test-cpp: $(CMAKE_BUILD)/CMakeCache.txt
-	cmake --build $(CMAKE_BUILD) --parallel $(MAX_JOBS)
-	cd $(CMAKE_BUILD) && ctest --output-on-failure --output-junit ctest.xml
-
-# The sanitizer build (RA_SANITIZE: -fsanitize=address,undefined, -O1 -g1), CPU only, apart from the
-# normal one: the extension in build/asan/lib beside a copy of the package's Python, the C++ library
-# and its tests in build/cmake-asan. Python is not instrumented, so the ASan runtime is preloaded,
-# with libstdc++: else ASan finds no __cxa_throw to wrap and aborts at the first C++ exception.
-ASAN_LIB := build/asan/lib
-ASAN_PACKAGE := $(ASAN_LIB)/retrieval_attention
-ASAN_EXTENSION = $(ASAN_PACKAGE)/_C$(EXT_SUFFIX)
+# The sanitizer build (RA_SANITIZE: -fsanitize=address,undefined, -O1 -g1), CPU only, in build/asan: the
+# library and _C in build/asan/lib beside a copy of the package's Python, the C++ tests in build/asan.
+# Python is not instrumented, so the ASan runtime is preloaded, with libstdc++: else ASan finds no
+# __cxa_throw to wrap and aborts at the first C++ exception.
+ASAN_BUILD := build/asan
+ASAN_LIB := $(ASAN_BUILD)/lib
 ASAN_PY := $(patsubst torch_ext/%,$(ASAN_LIB)/%,$(wildcard torch_ext/retrieval_attention/*.py))
-CMAKE_ASAN_BUILD := build/cmake-asan
-ASAN_LOGS := build/asan/logs
+ASAN_LOGS := $(ASAN_BUILD)/logs
 # detect_leaks=0 for Python: the interpreter and torch keep objects and registries alive until exit by
 # design, which LeakSanitizer reports. The C++ tests (ctest) keep the leak check.
 # protect_shadow_gap=0: where a GPU is present the CUDA driver maps memory in ASan's shadow gap.
@@ -100,23 +94,14 @@ UBSAN_ENV := UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 #     load the in-place, unsanitized library rather than this one
 ASAN_PYTEST_EXCLUDE := --ignore=tests/test_distributed.py
 
-$(ASAN_EXTENSION): $(ENV_STAMP) $(SOURCES)
-	RA_SANITIZE=1 FORCE_CUDA=0 $(PY) setup.py build_ext --build-lib $(ASAN_LIB) --build-temp build/asan/tmp
-	touch $@
-
-$(ASAN_PACKAGE)/%.py: torch_ext/retrieval_attention/%.py
+$(ASAN_LIB)/%.py: torch_ext/%.py
 	@mkdir -p $(dir $@)
 	cp $< $@
 
-$(CMAKE_ASAN_BUILD)/CMakeCache.txt: $(ENV_STAMP) CMakeLists.txt
-	@dpkg -s googletest libgtest-dev >/dev/null 2>&1 || \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq googletest libgtest-dev)
-	cmake -S . -B $(CMAKE_ASAN_BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release -DRA_SANITIZE=ON -DRA_WITH_CUDA=OFF \
-		-DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')"
-
-# The build runs test_gate once (GoogleTest discovery), hence the sanitizer options here too.
-build-asan: $(ASAN_EXTENSION) $(ASAN_PY) $(CMAKE_ASAN_BUILD)/CMakeCache.txt
-	ASAN_OPTIONS=detect_leaks=1:$(ASAN_OPTS) $(UBSAN_ENV) cmake --build $(CMAKE_ASAN_BUILD) --parallel $(MAX_JOBS)
+build-asan: $(ENV_STAMP) $(ASAN_PY)
+	@$(GTEST)
+	RA_SANITIZE=1 FORCE_CUDA=0 CMAKE_ARGS="$(CMAKE_DEV_ARGS)" \
+		$(PY) setup.py -q build_ext --build-lib $(ASAN_LIB) --build-temp $(ASAN_BUILD)
 
 # Runs pytest (CPU tests; the CUDA ones skip) and ctest, both to the end, then fails on any failure
 # or any sanitizer report.
@@ -130,7 +115,7 @@ test-asan: build-asan
 	$(PY) -m pytest tests -p asan_pytest_plugin -o pythonpath="$(CURDIR)/$(ASAN_LIB) $(CURDIR)/tests" \
 		$(ASAN_PYTEST_EXCLUDE) $(ASAN_PYTEST_ARGS) || status=1; \
 	unset LD_PRELOAD; export ASAN_OPTIONS=detect_leaks=1:$(ASAN_OPTS); \
-	(cd $(CMAKE_ASAN_BUILD) && ctest --output-on-failure --output-junit ctest.xml) || status=1; \
+	(cd $(ASAN_BUILD) && $(CTEST)) || status=1; \
 	set +x; \
 	for log in $(ASAN_LOGS)/*; do [ -f "$$log" ] || continue; status=1; echo "== sanitizer report $$log"; cat "$$log"; done; \
 	[ $$status -eq 0 ] && echo "test-asan: no failure, no sanitizer report" || echo "test-asan: FAILED"; \
@@ -153,7 +138,7 @@ lint: $(ENV_STAMP)
 	clang-format --dry-run --Werror $$(find csrc tests/cpp examples -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
 clean:
-	rm -rf build torch_ext/retrieval_attention/_C*.so
+	rm -rf build torch_ext/retrieval_attention/_C*.so torch_ext/retrieval_attention/libretrieval_attention*.so
 
 # Property-based tests, long profile (the CI runs tests/test_fuzz.py in its bounded "ci" profile).
 fuzz-long: build

@@ -1,153 +1,102 @@
-"""Builds retrieval_attention._C: every csrc/ source, CUDA ones when enabled.
+"""Builds retrieval_attention with CMake (CMakeLists.txt holds the build): libretrieval_attention and _C,
+side by side in the package.
 
-Environment:
-  FORCE_CUDA=1            compile the CUDA kernels even where no CUDA build of torch is found
-  FORCE_CUDA=0            never compile them
+Environment, passed on to CMake:
+  FORCE_CUDA=1 / 0        compile the CUDA kernels / never; unset: when nvcc and a CUDA build of torch are both
+                          found (never from torch.cuda.is_available(), so a GPU-less CI machine builds them)
   TORCH_CUDA_ARCH_LIST    CUDA architectures (default "8.0;9.0+PTX")
-  MAX_JOBS                parallel compile jobs (read by torch's BuildExtension)
-  RA_DEBUG=1              -O0 -g
-  RA_SANITIZE=1           AddressSanitizer and UndefinedBehaviorSanitizer in the C++ (-O1 -g1 unless RA_DEBUG);
-                          `make test-asan` builds such a copy apart, in build/asan
+  CUDA_HOME               the CUDA toolkit, where the nvcc on PATH is not the one wanted
+  MAX_JOBS                parallel compile jobs
+  RA_DEBUG=1              a Debug build (-O0 -g)
+  RA_SANITIZE=1           AddressSanitizer and UndefinedBehaviorSanitizer in the host C++ (`make test-asan`)
+  CMAKE_ARGS              more CMake options, e.g. "-DRA_BUILD_TESTS=ON -DRA_BUILD_EXAMPLES=ON" (`make build`)
 
-CUDA is enabled by FORCE_CUDA or by finding both nvcc (CUDA_HOME) and a CUDA build of
-torch; never by torch.cuda.is_available(), so a GPU-less CI machine builds the CUDA code.
-csrc/cpu/kernels/*.cpp are compiled once per CPU capability (DEFAULT, AVX2, AVX512 on
-x86-64) with that capability's flags, as ATen compiles its own kernels.
+The CMake build directory is build_ext's --build-temp: keep it (`make build` uses build/cmake) and a rebuild
+compiles only what changed. `build_ext --force` configures and builds from scratch.
 """
 
 from __future__ import annotations
 
 import os
-import platform
-import re
+import runpy
+import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-
-def _find_cuda_home() -> None:
-    """Sets CUDA_HOME when torch would guess it wrong.
-
-    torch takes CUDA_HOME from the nvcc on PATH; where that nvcc is a wrapper script
-    (such as /usr/local/bin/nvcc here) the guess has no CUDA headers. Then use the
-    conventional /usr/local/cuda, torch's own last resort.
-    """
-    if "CUDA_HOME" in os.environ or "CUDA_PATH" in os.environ:
-        return
-    nvcc = shutil.which("nvcc")
-    guess = Path(nvcc).resolve().parent.parent if nvcc else None
-    fallback = Path("/usr/local/cuda")
-    if (guess is None or not (guess / "include" / "cuda_runtime.h").exists()) and (
-        fallback / "include" / "cuda_runtime.h"
-    ).exists():
-        os.environ["CUDA_HOME"] = str(fallback)
-
-
-_find_cuda_home()
-
-import torch  # noqa: E402
-from setuptools import find_packages, setup  # noqa: E402
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
-CSRC = ROOT / "csrc"
-PACKAGE_DIR = ROOT / "torch_ext"
-VERSION = re.search(
-    r'__version__ = "([^"]+)"', (PACKAGE_DIR / "retrieval_attention" / "_version.py").read_text()
-).group(1)
-
-# Sources built into the per-capability objects, not into the extension directly.
-ISA_DIR = CSRC / "cpu" / "kernels"
-CPU_CAPABILITY_FLAGS = {
-    "DEFAULT": [],
-    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
-    # GCC 12 warns inside its own avx512fintrin.h (_mm512_undefined_*): silence that, not our code.
-    "AVX512": [
-        "-mavx512f",
-        "-mavx512bw",
-        "-mavx512vl",
-        "-mavx512dq",
-        "-mavx2",
-        "-mfma",
-        "-mf16c",
-        "-Wno-uninitialized",
-        "-Wno-maybe-uninitialized",
-    ],
-}
-DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
+VERSION = runpy.run_path(str(ROOT / "torch_ext" / "retrieval_attention" / "_version.py"))["__version__"]
+FORCE_CUDA_TO_CMAKE = {"1": "ON", "0": "OFF"}
 
 
-def cpu_capabilities() -> list[str]:
-    if platform.machine().lower() in ("x86_64", "amd64"):
-        return list(CPU_CAPABILITY_FLAGS)
-    return ["DEFAULT"]
+class CMakeExtension(Extension):
+    """An extension whose sources CMake knows: setuptools only names its file."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, sources=[])
 
 
-def with_cuda() -> bool:
-    force = os.environ.get("FORCE_CUDA")
-    if force is not None:
-        return force == "1"
-    return CUDA_HOME is not None and torch.version.cuda is not None
+class CMakeBuild(build_ext):
+    """Configures and builds the CMake project into the extension's directory."""
+
+    def run(self) -> None:
+        # setuptools builds in place by building elsewhere and copying _C alone; CMake writes both files in place.
+        self.ra_inplace = self.inplace
+        super().run()
+
+    def copy_extensions_to_source(self) -> None:
+        """Nothing to copy: an in-place build already wrote the library and _C into the package."""
+
+    def build_extension(self, ext: Extension) -> None:
+        if self.ra_inplace:
+            package = ext.name.rpartition(".")[0]
+            output_dir = Path(self.get_finalized_command("build_py").get_package_dir(package)).resolve()
+        else:
+            output_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
+        cmake = _tool("cmake")
+        if cmake is None:
+            raise RuntimeError("retrieval_attention builds with CMake >= 3.22: pip install cmake ninja")
+        build_dir = Path(self.build_temp).resolve()
+        if self.force:
+            shutil.rmtree(build_dir, ignore_errors=True)
+        build_dir.mkdir(parents=True, exist_ok=True)
+        env = os.environ
+        args = [
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DRA_OUTPUT_DIR={output_dir}",
+            f"-DCMAKE_BUILD_TYPE={'Debug' if env.get('RA_DEBUG') == '1' else 'Release'}",
+            f"-DRA_SANITIZE={'ON' if env.get('RA_SANITIZE') == '1' else 'OFF'}",
+            f"-DRA_CUDA={FORCE_CUDA_TO_CMAKE.get(env.get('FORCE_CUDA', ''), 'AUTO')}",
+            f"-DTORCH_CUDA_ARCH_LIST={env.get('TORCH_CUDA_ARCH_LIST', '')}",
+            "-DRA_BUILD_TESTS=OFF",
+            "-DRA_BUILD_EXAMPLES=OFF",
+            *shlex.split(env.get("CMAKE_ARGS", "")),
+        ]
+        # Configured with the same options already: the build re-runs CMake itself if a CMakeLists.txt changed.
+        stamp = build_dir / "setup_py_cmake_args.txt"
+        if not stamp.exists() or stamp.read_text() != "\n".join(args):
+            configure = [cmake, "-S", str(ROOT), "-B", str(build_dir), *args, *self.generator(build_dir)]
+            subprocess.run(configure, check=True)
+            stamp.write_text("\n".join(args))
+        jobs = [f"--parallel={env['MAX_JOBS']}"] if env.get("MAX_JOBS") else ["--parallel"]
+        subprocess.run([cmake, "--build", str(build_dir), *jobs], check=True)
+
+    @staticmethod
+    def generator(build_dir: Path) -> list[str]:
+        """Ninja where there is one, else CMake's default generator."""
+        ninja = _tool("ninja")
+        if ninja is None or (build_dir / "CMakeCache.txt").exists():
+            return []
+        return ["-GNinja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
 
 
-def rel(paths) -> list[str]:
-    return sorted(str(p.relative_to(ROOT)) for p in paths)
-
-
-class BuildExtensionPerCapability(BuildExtension):
-    """Compiles csrc/cpu/kernels/ once per CPU capability, then links those objects in."""
-
-    def build_extension(self, ext):
-        cxx_args = ext.extra_compile_args["cxx"]
-        for capability in cpu_capabilities():
-            objects = self.compiler.compile(
-                rel(ISA_DIR.glob("*.cpp")),
-                output_dir=os.path.join(self.build_temp, capability.lower()),
-                macros=[*ext.define_macros, ("CPU_CAPABILITY", capability), (f"CPU_CAPABILITY_{capability}", None)],
-                include_dirs=ext.include_dirs,
-                extra_postargs={"cxx": cxx_args + CPU_CAPABILITY_FLAGS[capability], "nvcc": []},
-                depends=ext.depends,
-            )
-            ext.extra_objects.extend(objects)
-        super().build_extension(ext)
-
-
-def make_extension():
-    cuda = with_cuda()
-    sources = [p for p in CSRC.rglob("*.cpp") if p.parent != ISA_DIR]
-    if cuda:
-        sources += list(CSRC.rglob("*.cu"))
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
-    debug = os.environ.get("RA_DEBUG") == "1"
-    opt = ["-O0", "-g"] if debug else ["-O3"]
-    # The sanitizers instrument the host C++ only (compute-sanitizer checks the CUDA kernels);
-    # a UB report aborts as an ASan one does. -O1 and line tables, as their documentation advises.
-    # -fno-wrapv undoes the -fwrapv of Python's CFLAGS, which would define signed overflow and so
-    # turn UBSan's check of it off.
-    sanitize = os.environ.get("RA_SANITIZE") == "1"
-    sanitizers = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
-    sanitizers = [*sanitizers, "-fno-wrapv"] if sanitize else []
-    host_opt = ["-O1", "-g1"] if sanitize and not debug else opt
-    # Unquoted: quotes do not survive the ninja command line; build_info.cpp stringifies it.
-    macros = [("RA_VERSION", VERSION)]
-    macros += [(f"RA_CPU_{cap}", None) for cap in cpu_capabilities() if cap != "DEFAULT"]
-    if cuda:
-        macros.append(("RA_WITH_CUDA", None))
-    # at::parallel_for is inline and runs serially unless the caller is compiled with OpenMP;
-    # the libgomp it links is the one torch has already loaded.
-    openmp = ["-fopenmp"]
-    extension = CUDAExtension if cuda else CppExtension
-    return extension(
-        name="retrieval_attention._C",
-        sources=rel(sources),
-        include_dirs=[str(CSRC)],
-        define_macros=macros,
-        extra_compile_args={
-            "cxx": [*host_opt, *sanitizers, *openmp, "-Wall", "-Wno-unknown-pragmas"],
-            "nvcc": [*opt, "-lineinfo"],
-        },
-        extra_link_args=[*openmp, *sanitizers],
-        depends=rel([*CSRC.rglob("*.h"), *CSRC.rglob("*.cuh"), *ISA_DIR.glob("*.cpp")]),
-    )
+def _tool(name: str) -> str | None:
+    """A build tool beside this Python (the cmake and ninja packages of its venv), else on PATH."""
+    return shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
 
 
 setup(
@@ -156,8 +105,8 @@ setup(
     description="Retrieval attention with a sigmoid gate (Engram): fused CPU and CUDA operators for PyTorch",
     package_dir={"": "torch_ext"},
     packages=find_packages("torch_ext"),
-    ext_modules=[make_extension()],
-    cmdclass={"build_ext": BuildExtensionPerCapability},
+    ext_modules=[CMakeExtension("retrieval_attention._C")],
+    cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
     install_requires=["torch>=2.11"],
 )

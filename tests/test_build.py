@@ -32,10 +32,11 @@ def test_build_info() -> None:
     assert bool(info["cuda_archs"]) == info["cuda"]
 
 
-def test_missing_extension_says_how_to_build(tmp_path: Path) -> None:
-    """The package without its compiled library: the import error tells how to build it."""
+@pytest.mark.parametrize("missing", ["_C*", "libretrieval_attention*"])
+def test_missing_extension_says_how_to_build(tmp_path: Path, missing: str) -> None:
+    """The package without _C or the library it links: the import error tells how to build them."""
     package = Path(retrieval_attention.__file__).parent
-    shutil.copytree(package, tmp_path / "retrieval_attention", ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    shutil.copytree(package, tmp_path / "retrieval_attention", ignore=shutil.ignore_patterns(missing, "__pycache__"))
     script = "import retrieval_attention"
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
@@ -114,7 +115,8 @@ def test_simd_variants_hold_vector_code_and_nothing_else_does() -> None:
     The last point keeps the library runnable on a CPU without AVX: an inline function
     compiled in a SIMD variant's file must not be the copy the linker kept for everyone.
     """
-    found = _registers_by_function(retrieval_attention._C.__file__)
+    (library,) = Path(retrieval_attention._C.__file__).parent.glob("libretrieval_attention*.so")
+    found = _registers_by_function(str(library))
     per_namespace: dict[str, set[str]] = collections.defaultdict(set)
     leaks = []
     for function, registers in found.items():

@@ -15,9 +15,9 @@ try:
     from . import _C
 except ImportError as error:  # pragma: no cover - only without a build
     raise ImportError(
-        "retrieval_attention: the compiled extension retrieval_attention._C is not built or does not load "
-        f"({error}). Build it with `make build` in the repository (or `pip install --no-build-isolation .`); "
-        "it must be built against the torch that is imported, here torch "
+        "retrieval_attention: the compiled extension retrieval_attention._C, or the libretrieval_attention it "
+        f"links beside it, is not built or does not load ({error}). Build them with `make build` in the repository "
+        "(or `pip install --no-build-isolation .`); they must be built against the torch that is imported, here torch "
         f"{torch.__version__}."
     ) from error
 
