@@ -140,6 +140,7 @@ lint: $(ENV_STAMP)
 clean:
 	rm -rf build torch_ext/retrieval_attention/_C*.so torch_ext/retrieval_attention/libretrieval_attention*.so
 
-# Property-based tests, long profile (the CI runs tests/test_fuzz.py in its bounded "ci" profile).
+# Property-based tests, long profile (the CI runs them in their bounded "ci" profile).
 fuzz-long: build
-	RA_FUZZ_PROFILE=long $(RUN) -m pytest tests/test_fuzz.py -q --hypothesis-show-statistics $(PYTEST_ARGS)
+	RA_FUZZ_PROFILE=long $(RUN) -m pytest tests/test_gate_properties.py tests/test_ngram_hash.py -k property -q \
+		--hypothesis-show-statistics $(PYTEST_ARGS)
