@@ -8,6 +8,7 @@
 
 #include <initializer_list>
 #include <type_traits>
+#include <vector>
 
 namespace retrieval_attention {
 namespace {
@@ -38,7 +39,8 @@ c10::IValue options_to_ivalue(const GateOptions& options) {
 
 GateOptions options_from_ivalue(const c10::IValue& saved) {
   GateOptions options;
-  const auto& values = saved.toTupleRef().elements();
+  // A vector, not the tuple's small inline storage, whose indexing past 3 GCC mistakes for out of bounds.
+  const std::vector<c10::IValue> values = saved.toTupleRef().elements().vec();
   size_t i = 0;
   std::apply([&](auto&... fields) { ((fields = values[i++].to<std::decay_t<decltype(fields)>>()), ...); },
              option_fields(options));
