@@ -7,13 +7,20 @@ The rank joins a gloo process group through the file store STORE, trains its sha
 global batch for ``STEPS`` SGD steps and saves what it saw to ``OUT_DIR/MODE_rank{RANK}.pt``:
 the loss and the full gradient of every parameter at each step, and the full parameters after
 the last step.
+
+The rank prints time-stamped phases, and every thread's stack on ``SIGUSR1`` (the launcher sends it
+to a rank that hangs). After its record is saved it waits for the other ranks in a monitored
+barrier before it closes its connections; on an error it leaves at once.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import os
+import signal
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Callable
@@ -29,6 +36,10 @@ G, D, DE, B, T = 3, 16, 12, 4, 11
 STEPS = 3
 LR = 0.1
 SEED = 1234
+# Every collective waits this long: room for a peer that compiles on a loaded 2-core machine, yet bounded.
+COLLECTIVE_TIMEOUT = timedelta(seconds=300)
+# On this signal a rank prints every thread's stack to its log.
+STACK_DUMP_SIGNAL = signal.SIGUSR1
 
 
 def make_model(dtype: torch.dtype = torch.float64) -> RetrievalAttention:
@@ -83,8 +94,18 @@ def train(
     return record
 
 
-def _fsdp2_unsupported() -> str | None:
+def say(message: str) -> None:
+    """One time-stamped line in this rank's log: the phase it reached, comparable across the ranks' logs."""
+    now = time.time()
+    stamp = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1000):03d}"
+    print(f"[rank {os.environ.get('RANK', '?')} {stamp}] {message}", flush=True)
+
+
+def _fsdp2_unsupported(world_size: int) -> str | None:
     """Why FSDP2 cannot train even a plain nn.Linear in this process group, or None when it can."""
+    import torch.distributed as dist
+
+    reason = None
     try:
         from torch.distributed.fsdp import fully_shard
 
@@ -93,8 +114,15 @@ def _fsdp2_unsupported() -> str | None:
         probe(torch.ones(2, 4, dtype=torch.float64)).sum().backward()
         probe.weight.grad.full_tensor()
     except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None
+        reason = f"{type(exc).__name__}: {exc}"
+    # A probe that failed on some ranks only (a timeout, a lost peer) is an error, not a reason to skip;
+    # a failure that broke the process group makes this all-gather raise.
+    reasons: list[str | None] = [None] * world_size
+    dist.all_gather_object(reasons, reason)
+    failed = [r for r, why in enumerate(reasons) if why is not None]
+    if 0 < len(failed) < world_size:
+        raise RuntimeError(f"the FSDP2 probe failed on ranks {failed} only: {reasons}")
+    return reason
 
 
 def run(mode: str, rank: int, world_size: int) -> dict:
@@ -114,12 +142,12 @@ def run(mode: str, rank: int, world_size: int) -> dict:
         record["compiled_graphs"] = counters["stats"]["unique_graphs"]
         return record
     if mode == "fsdp2":
+        reason = _fsdp2_unsupported(world_size)
+        if reason is not None:
+            return {"unsupported": reason}
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import DTensor
 
-        reason = _fsdp2_unsupported()
-        if reason is not None:
-            return {"unsupported": reason}
         # kv_proj in a group of its own, as a model would shard its layers. FSDP2 warns that it returns a
         # view (in-place ops on one would skip its backward hook); the block only slices it, out of place.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
@@ -139,29 +167,38 @@ def main(argv: list[str]) -> int:
 
     mode, store, out_dir = argv
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    faulthandler.register(STACK_DUMP_SIGNAL, all_threads=True)
     torch.set_num_threads(1)
+    say(f"joining a gloo group of {world_size} through {store}")
     dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size, timeout=timedelta(seconds=60)
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT
     )
-    code = 0
     try:
+        say(f"joined; running {mode}")
         record = run(mode, rank, world_size)
-        dist.barrier()
-        torch.save(record, os.path.join(out_dir, f"{mode}_rank{rank}.pt"))
+        path = os.path.join(out_dir, f"{mode}_rank{rank}.pt")
+        torch.save(record, path)
+        say(f"saved {path}; waiting for the other ranks")
+        # No rank closes its connections while another still needs them; a rank that never arrives is named.
+        dist.monitored_barrier(timeout=COLLECTIVE_TIMEOUT, wait_all_ranks=True)
     except Exception:
         traceback.print_exc()
-        code = 1
+        # Closing the group here could wait on this rank's own pending work; the process's exit closes its
+        # sockets, and a peer waiting in a collective gets "connection closed" rather than a timeout.
+        say("failed: leaving without closing the process group")
+        return 1
     # DDP's reducer and FSDP's device mesh hold the process group, often in reference cycles: free them
     # while the interpreter is whole, so gloo's threads are not torn down during interpreter finalization.
     gc.collect()
     dist.destroy_process_group()
-    return code
+    say("closed the process group")
+    return 0
 
 
 if __name__ == "__main__":
     code = main(sys.argv[1:])
     sys.stdout.flush()
     sys.stderr.flush()
-    # Skip interpreter finalization: it can abort in gloo's teardown ("terminate called without an
-    # active exception"), which has nothing to do with what the tests check; the record is saved.
+    # Skip interpreter finalization: the record is saved and the group closed, and the order in which it
+    # tears down torch's threads is no concern of these tests.
     os._exit(code)
