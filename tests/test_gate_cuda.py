@@ -47,6 +47,21 @@ def test_unaligned_rows_take_the_scalar_path(dtype: torch.dtype, seed: int) -> N
     check(GateCase((11,), 2, 64, dtype=dtype, device="cuda", fused_kv=True, seed=seed))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [72, 67], ids=["vector", "scalar"])
+def test_blocks_loop_over_tokens_and_rows(dtype: torch.dtype, D: int, seed: int) -> None:
+    """More tokens than the GPU holds blocks: backward blocks take several tokens, forward blocks several rows."""
+    tokens = 64 * torch.cuda.get_device_properties(0).multi_processor_count + 3
+    check(GateCase((tokens,), 5, D, dtype=dtype, device="cuda", residual=True, mask=True, seed=seed))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_misaligned_views_take_scalar_accesses_alone(dtype: torch.dtype, seed: int) -> None:
+    """h one element past the 16-byte grid, k and v with rows D + 1 apart: those read by element, the rest by pack."""
+    layouts = gate_harness.laid_out("offset", "h") + gate_harness.laid_out("sliced", "k", "v")
+    check(GateCase((129,), 4, 64, dtype=dtype, device="cuda", layouts=layouts, residual=True, seed=seed))
+
+
 def test_offset_storage() -> None:
     N, G, D = 9, 2, 128
     base = torch.randn(N * G * D + 1, device="cuda")
@@ -105,3 +120,12 @@ def test_compile_reduce_overhead() -> None:
         eager = torch.autograd.grad(loss(*eager_args), eager_args)
         for name, g, e in zip(("h", "k", "v", "w_q", "w_k"), grads, eager, strict=True):
             assert_agree(g, e, f"grad {name}")
+
+
+def test_many_branches_backward_or_a_named_limit() -> None:
+    """The backward's shared memory grows with G: 1024 branches work; 1 << 16 get an error naming G."""
+    check(GateCase((3,), 1024, 8, device="cuda", seed=7))
+    h = torch.randn(2, 1 << 16, 1, device="cuda", requires_grad=True)
+    o, _ = gate(h, torch.randn_like(h), torch.randn(2, 1, device="cuda"))
+    with pytest.raises(ValueError, match=r"at most \d+ branches \(G\).*has 65536"):
+        o.sum().backward()

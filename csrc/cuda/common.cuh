@@ -1,93 +1,73 @@
-// Device helpers of the gate's CUDA kernels: vector packs, a deterministic block sum,
-// and the host-side choice of vector width and grid size.
+// Host side of the CUDA kernels: the grid for the current GPU, and the launcher that the gate's
+// run_gate_* functions drive (the C++ tests drive them with an emulator's launcher instead).
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
-#include <c10/macros/Macros.h>
+#include <cuda_runtime_api.h>
 
+#include "cuda/device_utils.cuh"
+
+#include <cstddef>
 #include <cstdint>
-#include <initializer_list>
+#include <utility>
 
 namespace retrieval_attention::cuda {
 
-constexpr int kWarpSize = 32;
-constexpr int kVectorBytes = 16;  // one 128-bit load or store per thread and step
+constexpr size_t kDefaultSharedBytes = 48 * 1024;  // dynamic shared memory without an opt-in
 
-// kVec elements of T moved as one aligned access.
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Pack {
-  T v[kVec];
-};
-
-template <typename T, int kVec>
-__device__ __forceinline__ Pack<T, kVec> load_pack(const T* p) {
-  return *reinterpret_cast<const Pack<T, kVec>*>(p);
-}
-
-template <typename T, int kVec>
-__device__ __forceinline__ void store_pack(T* p, const Pack<T, kVec>& x) {
-  *reinterpret_cast<Pack<T, kVec>*>(p) = x;
-}
-
-// Sums kN values over the block; every thread gets the same totals (lane 0 of each warp
-// publishes its warp's butterfly sum, then all threads add the warps in order).
-// smem holds kN * (kThreads / kWarpSize) values; the trailing barrier makes it reusable.
-template <int kThreads, int kN, typename T>
-__device__ __forceinline__ void block_sum(T (&vals)[kN], T* smem) {
-  constexpr int kWarps = kThreads / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-#pragma unroll
-  for (int i = 0; i < kN; ++i) {
-#pragma unroll
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-      vals[i] += __shfl_xor_sync(0xffffffffu, vals[i], offset);
-    }
-    if (lane == 0) {
-      smem[i * kWarps + warp] = vals[i];
-    }
-  }
-  __syncthreads();
-#pragma unroll
-  for (int i = 0; i < kN; ++i) {
-    T total = smem[i * kWarps];
-#pragma unroll
-    for (int w = 1; w < kWarps; ++w) {
-      total += smem[i * kWarps + w];
-    }
-    vals[i] = total;
-  }
-  __syncthreads();
-}
-
-// The 16-byte path needs every row start on a 16-byte boundary: aligned bases, and row
-// strides and D that are multiples of the pack. Otherwise the scalar path runs.
-inline bool can_vectorize(int64_t vec, int64_t D, std::initializer_list<const void*> pointers,
-                          std::initializer_list<int64_t> strides) {
-  if (D % vec != 0) {
-    return false;
-  }
-  for (const void* p : pointers) {
-    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % kVectorBytes != 0) {
-      return false;
-    }
-  }
-  for (const int64_t s : strides) {
-    if (s % vec != 0) {
-      return false;
-    }
-  }
-  return true;
+// (The device attributes come from the runtime, not ATen/cuda/CUDAContext.h, which needs cuSPARSE's headers.)
+inline int device_attribute(cudaDeviceAttr attribute) {
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, c10::cuda::current_device()));
+  return value;
 }
 
 // Enough blocks to fill the current GPU blocks_per_sm times over, never more than the work items.
-// (The SM count comes from the runtime, not ATen/cuda/CUDAContext.h, which needs cuSPARSE's headers.)
 inline int64_t grid_size(int64_t work_items, int blocks_per_sm) {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  const int64_t cap = static_cast<int64_t>(sms) * blocks_per_sm;
+  const int64_t cap = static_cast<int64_t>(device_attribute(cudaDevAttrMultiProcessorCount)) * blocks_per_sm;
   return work_items < cap ? work_items : cap;
 }
+
+// Launches on the current stream: a kernel's resident blocks per SM from the occupancy calculator,
+// and shared memory beyond the default through the per-kernel opt-in.
+class CudaLauncher {
+ public:
+  explicit CudaLauncher(cudaStream_t stream)
+      : stream_(stream),
+        sms_(device_attribute(cudaDevAttrMultiProcessorCount)),
+        smem_optin_(static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin))) {}
+
+  size_t smem_budget() const { return smem_optin_; }
+
+  // As many blocks as are resident at once on the whole GPU.
+  template <typename... Args>
+  int64_t max_blocks(void (*kernel)(Args...), int threads, size_t bytes) const {
+    opt_in(kernel, bytes);
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, bytes));
+    return static_cast<int64_t>(sms_) * (per_sm > 0 ? per_sm : 1);
+  }
+
+  template <typename... Params, typename... Args>
+  void operator()(void (*kernel)(Params...), int64_t grid, int threads, size_t bytes, Args&&... args) const {
+    opt_in(kernel, bytes);
+    kernel<<<static_cast<unsigned int>(grid), threads, bytes, stream_>>>(std::forward<Args>(args)...);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+ private:
+  template <typename Kernel>
+  static void opt_in(Kernel kernel, size_t bytes) {
+    if (bytes > kDefaultSharedBytes) {
+      C10_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    }
+  }
+
+  cudaStream_t stream_;
+  int sms_;
+  size_t smem_optin_;
+};
 
 }  // namespace retrieval_attention::cuda
