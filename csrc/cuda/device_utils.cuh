@@ -7,7 +7,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <initializer_list>
 
 namespace retrieval_attention::cuda {
 
@@ -39,19 +38,50 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, kVec>& x) {
   *reinterpret_cast<Pack<T, kVec>*>(p) = x;
 }
 
-// kVec elements from p: one vector access where `aligned`, else kVec scalar ones (a view whose
-// base or strides break the 16-byte grid takes this path alone, not the whole call).
+// The kVec elements at columns [d, d + kVec) of a row of D elements (D a multiple of kVec). A row
+// off the 16-byte grid (a view into its storage, rows an odd number of elements apart) still takes
+// 16-byte loads: the two aligned packs around the columns, shifted into place. Nothing outside the
+// row is read: its first and last packs load only their part of the row.
 template <typename T, int kVec>
-__device__ __forceinline__ Pack<T, kVec> load_elems(const T* p, bool aligned) {
-  if (aligned) {
-    return load_pack<T, kVec>(p);
+__device__ __forceinline__ Pack<T, kVec> load_from_row(const T* row, int64_t d, int64_t D) {
+  static_assert(kVec == 1 || sizeof(T) * kVec == kVectorBytes, "a pack is one element or 16 bytes");
+  const int m = static_cast<int>(reinterpret_cast<uintptr_t>(row + d) / sizeof(T) % kVec);
+  if (m == 0) {
+    return load_pack<T, kVec>(row + d);
   }
-  Pack<T, kVec> x;
+  const T* base = row + d - m;  // on the grid
+  Pack<T, kVec> lo, hi, out;
+  if (d > 0) {
+    lo = load_pack<T, kVec>(base);
+  } else {
 #pragma unroll
-  for (int i = 0; i < kVec; ++i) {
-    x.v[i] = p[i];
+    for (int i = 0; i < kVec; ++i) {
+      if (i >= m) {
+        lo.v[i] = base[i];
+      }
+    }
   }
-  return x;
+  if (d + kVec < D) {
+    hi = load_pack<T, kVec>(base + kVec);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      if (i < m) {
+        hi.v[i] = base[kVec + i];
+      }
+    }
+  }
+  // Every shift spelled out, so each register index is a constant (no local memory).
+#pragma unroll
+  for (int s = 1; s < kVec; ++s) {
+    if (s == m) {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        out.v[i] = i + s < kVec ? lo.v[i + s] : hi.v[i + s - kVec];
+      }
+    }
+  }
+  return out;
 }
 
 // kN accumulators (float or double) in 16-byte pieces; scalar when they make less than 16 bytes.
@@ -142,20 +172,6 @@ __device__ __forceinline__ void block_sum(T (&vals)[kN], T* scratch) {
     }
     vals[i] = total;
   }
-}
-
-// Whether every row of a tensor starts on the 16-byte grid: an aligned base and row strides
-// that are multiples of the pack (a stride of 0 or 1 row never moves off it).
-inline bool rows_aligned(const void* base, int64_t vec, std::initializer_list<int64_t> strides) {
-  if (reinterpret_cast<uintptr_t>(base) % kVectorBytes != 0) {
-    return false;
-  }
-  for (const int64_t s : strides) {
-    if (s % vec != 0) {
-      return false;
-    }
-  }
-  return true;
 }
 
 constexpr int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }

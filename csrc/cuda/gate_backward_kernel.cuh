@@ -25,11 +25,11 @@
 namespace retrieval_attention::cuda {
 
 constexpr int kMaxBackwardThreads = 512;
+constexpr int kBackwardMinBlocks = 1;  // registers up to 128: no spills (the shared memory allows one block or two)
 constexpr int kBackwardPacksPerThread = 2;  // per token: two independent packs in flight per thread
 constexpr int64_t kCoeffs = 3;              // cross, self_q, self_k of each branch
 
 struct GateBackwardLayout {
-  unsigned aligned;  // kAlign* bits of the inputs
   int threads;
   bool stage_w;   // the product weights [G, D] in shared memory
   bool stage_gw;  // the weight-gradient partial [G, D] in shared memory (else in its global row)
@@ -70,7 +70,6 @@ int64_t backward_max_branches(size_t budget) {
 template <typename acc_t>
 GateBackwardLayout backward_layout(const GateBackwardParams& p, int64_t vec, size_t budget) {
   GateBackwardLayout L;
-  L.aligned = aligned_inputs(p, vec) | (rows_aligned(p.grad_o, vec, {p.go_stride_n, p.go_stride_g}) ? kAlignGradO : 0u);
   const int64_t packs = p.G * (p.D / vec);
   int64_t threads = round_up((packs + kBackwardPacksPerThread - 1) / kBackwardPacksPerThread, kWarpSize);
   threads = std::clamp<int64_t>(threads, kWarpSize, kMaxBackwardThreads);
@@ -92,7 +91,7 @@ GateBackwardLayout backward_layout(const GateBackwardParams& p, int64_t vec, siz
 }
 
 template <typename scalar_t, int kVec, bool kHasWeight, bool kResidual>
-__global__ void __launch_bounds__(kMaxBackwardThreads)
+__global__ void __launch_bounds__(kMaxBackwardThreads, kBackwardMinBlocks)
     gate_backward_kernel(const GateBackwardParams p, const GateBackwardLayout L) {
   using acc_t = at::opmath_type<scalar_t>;
   const GateBackwardPointers<scalar_t> ptr(p);
@@ -110,8 +109,6 @@ __global__ void __launch_bounds__(kMaxBackwardThreads)
   const int tid = threadIdx.x;
   const int lane = tid % kWarpSize, warp = tid / kWarpSize, warps = T / kWarpSize;
   const int64_t G = p.G, D = p.D, Dv = D / kVec, packs = G * Dv;
-  const bool go_vec = L.aligned & kAlignGradO, h_vec = L.aligned & kAlignH, k_vec = L.aligned & kAlignK,
-             v_vec = L.aligned & kAlignV;
 
   // The block's tokens: N split into gridDim.x ranges that differ by at most one.
   const int64_t per = p.N / gridDim.x, extra = p.N % gridDim.x;
@@ -146,14 +143,15 @@ __global__ void __launch_bounds__(kMaxBackwardThreads)
     const scalar_t* vn = v + n * p.v_stride_n;
     for (int64_t q = tid; q < Dv; q += T) {
       const int64_t d = q * kVec;
-      const auto vv = load_elems<scalar_t, kVec>(vn + d, v_vec);
+      const auto vv = load_from_row<scalar_t, kVec>(vn, d, D);
       acc_t dv_acc[kVec];
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
         dv_acc[i] = acc_t(0);
       }
+#pragma unroll 4  // the loads of several branches in flight at once
       for (int64_t g = 0; g < G; ++g) {
-        const auto gov = load_elems<scalar_t, kVec>(go + n * p.go_stride_n + g * p.go_stride_g + d, go_vec);
+        const auto gov = load_from_row<scalar_t, kVec>(go + n * p.go_stride_n + g * p.go_stride_g, d, D);
         const acc_t a = ptr.a[n * G + g];
         acc_t dot = 0;
 #pragma unroll
@@ -199,14 +197,15 @@ __global__ void __launch_bounds__(kMaxBackwardThreads)
     // g = q / Dv, columns (q % Dv) * kVec: followed incrementally, without a division per pack).
     // The next token's step 1 writes only this thread's parts; its barrier precedes new coefficients.
     int64_t g = tid / Dv, dq = tid % Dv;
+#pragma unroll 2
     for (int64_t q = tid; q < packs; q += T) {
       const int64_t d = dq * kVec;
       const acc_t cross = coeff[g * kCoeffs + 0];
       const acc_t self_q = coeff[g * kCoeffs + 1];
       const acc_t self_k = coeff[g * kCoeffs + 2];
-      const auto gov = load_elems<scalar_t, kVec>(go + n * p.go_stride_n + g * p.go_stride_g + d, go_vec);
-      const auto hv = load_elems<scalar_t, kVec>(h + n * p.h_stride_n + g * p.h_stride_g + d, h_vec);
-      const auto kv = load_elems<scalar_t, kVec>(k + n * p.k_stride_n + g * p.k_stride_g + d, k_vec);
+      const auto gov = load_from_row<scalar_t, kVec>(go + n * p.go_stride_n + g * p.go_stride_g, d, D);
+      const auto hv = load_from_row<scalar_t, kVec>(h + n * p.h_stride_n + g * p.h_stride_g, d, D);
+      const auto kv = load_from_row<scalar_t, kVec>(k + n * p.k_stride_n + g * p.k_stride_g, d, D);
       [[maybe_unused]] acc_t wv[kVec];
       [[maybe_unused]] acc_t gwv[kVec];
       if constexpr (kHasWeight) {

@@ -23,31 +23,14 @@ constexpr int kForwardSums = 3;                                        // h^2, k
 constexpr int64_t kForwardScratch = 2 * kForwardSums * kForwardWarps;  // two block-sum buffers
 constexpr size_t kForwardMaxStagedBytes = 32 * 1024;  // beyond, w is read from L1/L2: blocks per SM stay high
 
-// Which inputs take 16-byte accesses (bits), shared by both directions' layouts.
-constexpr unsigned kAlignH = 1u;
-constexpr unsigned kAlignK = 2u;
-constexpr unsigned kAlignV = 4u;
-constexpr unsigned kAlignGradO = 8u;
-
 struct GateForwardLayout {
-  unsigned aligned;  // kAlign* bits
-  bool stage_w;      // the block's weight row in shared memory, after the scratch
-  size_t bytes;      // dynamic shared memory
+  bool stage_w;  // the block's weight row in shared memory, after the scratch
+  size_t bytes;  // dynamic shared memory
 };
 
-// The inputs whose rows all start on the 16-byte grid (the outputs are allocated so they do).
-inline unsigned aligned_inputs(const GateRowParams& p, int64_t vec) {
-  unsigned bits = 0;
-  bits |= rows_aligned(p.h, vec, {p.h_stride_n, p.h_stride_g}) ? kAlignH : 0u;
-  bits |= rows_aligned(p.k, vec, {p.k_stride_n, p.k_stride_g}) ? kAlignK : 0u;
-  bits |= rows_aligned(p.v, vec, {p.v_stride_n}) ? kAlignV : 0u;
-  return bits;
-}
-
 template <typename acc_t>
-GateForwardLayout forward_layout(const GateForwardParams& p, int64_t vec) {
+GateForwardLayout forward_layout(const GateForwardParams& p) {
   GateForwardLayout L;
-  L.aligned = aligned_inputs(p, vec);
   const size_t scratch = kForwardScratch * sizeof(acc_t);
   const size_t w_bytes = static_cast<size_t>(p.D) * sizeof(acc_t);
   L.stage_w = p.w != nullptr && w_bytes <= kForwardMaxStagedBytes;
@@ -68,7 +51,6 @@ __global__ void __launch_bounds__(kForwardThreads)
   const int64_t G = p.G, D = p.D, rows = p.N * p.G;
   const int64_t first = static_cast<int64_t>(threadIdx.x) * kVec;
   constexpr int64_t kStep = static_cast<int64_t>(kForwardThreads) * kVec;
-  const bool h_vec = L.aligned & kAlignH, k_vec = L.aligned & kAlignK, v_vec = L.aligned & kAlignV;
   const int64_t g = blockIdx.x % G;
 
   // Each thread stages and later reads only its own columns: no barrier.
@@ -93,8 +75,8 @@ __global__ void __launch_bounds__(kForwardThreads)
     const scalar_t* kr = k + n * p.k_stride_n + g * p.k_stride_g;
     acc_t sums[kForwardSums] = {0, 0, 0};
     for (int64_t d = first; d < D; d += kStep) {
-      const auto hv = load_elems<scalar_t, kVec>(hr + d, h_vec);
-      const auto kv = load_elems<scalar_t, kVec>(kr + d, k_vec);
+      const auto hv = load_from_row<scalar_t, kVec>(hr, d, D);
+      const auto kv = load_from_row<scalar_t, kVec>(kr, d, D);
       [[maybe_unused]] acc_t wv[kVec];
       if constexpr (kHasWeight) {
         load_acc(w + d, wv);
@@ -127,11 +109,11 @@ __global__ void __launch_bounds__(kForwardThreads)
     const scalar_t* vr = v + n * p.v_stride_n;
     scalar_t* orow = o + row * D;
     for (int64_t d = first; d < D; d += kStep) {
-      const auto vv = load_elems<scalar_t, kVec>(vr + d, v_vec);
+      const auto vv = load_from_row<scalar_t, kVec>(vr, d, D);
       Pack<scalar_t, kVec> out;
       [[maybe_unused]] Pack<scalar_t, kVec> hv;
       if constexpr (kResidual) {
-        hv = load_elems<scalar_t, kVec>(hr + d, h_vec);
+        hv = load_from_row<scalar_t, kVec>(hr, d, D);
       }
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
@@ -153,7 +135,7 @@ void run_gate_forward(const GateForwardParams& p, Launcher& launch) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kVec = kVectorBytes / sizeof(scalar_t);
   const bool vectorize = p.D % kVec == 0;
-  const GateForwardLayout L = forward_layout<acc_t>(p, vectorize ? kVec : 1);
+  const GateForwardLayout L = forward_layout<acc_t>(p);
   RA_BOOL_SWITCH(vectorize, kVectorize, [&] {
     RA_BOOL_SWITCH(p.w != nullptr, kHasWeight, [&] {
       RA_BOOL_SWITCH(p.options.residual, kResidual, [&] {

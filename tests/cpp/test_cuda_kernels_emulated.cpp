@@ -1,6 +1,6 @@
 // The gate's CUDA kernels, run on the host by tests/cpp/cuda_emulator.h, against the CPU operator.
 // Blocks take several tokens and rows (few resident blocks), in every dtype, on the 16-byte and the
-// scalar paths, with misaligned and oddly strided views, every option, and shared-memory budgets
+// scalar paths, with misaligned and oddly strided views (shifted packs), every option, and shared-memory budgets
 // that move the weights and the weight-gradient partial out of shared memory. What only a GPU shows
 // (speed, the memory model, the launch itself) is left to scripts/gpu_check.sh.
 #include <ATen/ATen.h>
@@ -208,11 +208,21 @@ INSTANTIATE_TEST_SUITE_P(
                c.w_q = false;
                c.mask = true;
              }),
-        // Views off the 16-byte grid take scalar accesses alone; the rest stays on the vector path.
+        // Rows off the 16-byte grid (every shift of a pack, and rows of one pack) still load by pack.
         with(kBase, "float32_misaligned_h_strided_k",
              [](Case& c) {
                c.misaligned_h = c.strided_k = true;
                c.residual = true;
+             }),
+        with(kBase, "bfloat16_misaligned_h_strided_k",
+             [](Case& c) {
+               c.dtype = at::kBFloat16;
+               c.misaligned_h = c.strided_k = c.mask = true;
+             }),
+        with(kBase, "float32_one_pack_rows_misaligned",
+             [](Case& c) {
+               c.D = 4;
+               c.misaligned_h = c.strided_k = true;
              }),
         with(kBase, "float16_misaligned_h",
              [](Case& c) {
