@@ -28,6 +28,12 @@ to keep freed memory (``--system-malloc`` leaves it alone). Results go to stdout
     PYTHONPATH=torch_ext python benchmarks/bench_gate.py                # all default cases
     PYTHONPATH=torch_ext python benchmarks/bench_gate.py --cases quick --no-compile
     PYTHONPATH=torch_ext python benchmarks/bench_gate.py --cases 4096x2x768:bfloat16
+    PYTHONPATH=torch_ext python benchmarks/bench_gate.py --cases 8192x4x4096:bfloat16:misaligned
+
+A case ``NxGxD:dtype:misaligned`` takes h, k and v as views one element into larger buffers, so
+their data pointers are not 16-byte aligned and no kernel can read them with 16-byte loads. The
+table and CSV are rewritten after every case, so a run cut short keeps the cases it finished; the
+chart comes last.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ GateFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 IMPLS = ("ours", "eager", "compiled")
 PHASES = ("fwd", "bwd", "fwd+bwd")
 NUM_STATS = 3  # r_q, r_k, s: float32 [N, G] each, saved for the backward (docs/gate.md)
+MISALIGNED = "misaligned"  # the case flag: h, k, v start one element past their buffers' start
 
 
 @dataclass(frozen=True)
@@ -60,10 +67,12 @@ class Case:
     g: int
     d: int
     dtype: torch.dtype
+    misaligned: bool = False
 
     @property
     def name(self) -> str:
-        return f"N={self.n} G={self.g} D={self.d} {str(self.dtype).removeprefix('torch.')}"
+        flag = f" {MISALIGNED}" if self.misaligned else ""
+        return f"N={self.n} G={self.g} D={self.d} {str(self.dtype).removeprefix('torch.')}{flag}"
 
 
 @dataclass
@@ -81,32 +90,46 @@ class Row:
 PRESETS: dict[str, dict[str, str]] = {
     "default": {
         "cpu": "2048x4x1024:float32,2048x4x1024:bfloat16,8192x1x512:float32",
-        "cuda": "8192x4x2560:bfloat16,8192x4x4096:bfloat16,8192x4x7168:bfloat16,8192x4x1024:float32",
+        "cuda": "8192x4x2560:bfloat16,8192x4x4096:bfloat16,8192x4x7168:bfloat16,8192x4x1024:float32,"
+        "8192x4x4096:bfloat16:misaligned",
     },
     "quick": {"cpu": "2048x4x1024:float32", "cuda": "8192x4x4096:bfloat16"},
 }
 
 
 def parse_cases(spec: str, device: str) -> list[Case]:
-    """A preset name (``default``, ``quick``) or a comma list of ``NxGxD:dtype``."""
+    """A preset name (``default``, ``quick``) or a comma list of ``NxGxD[:dtype[:misaligned]]``."""
     spec = PRESETS.get(spec, {}).get(device, spec)
     cases = []
     for item in spec.split(","):
-        shape, _, dtype = item.strip().partition(":")
+        shape, dtype, *flags = [*item.strip().split(":"), ""]  # the "" stands in for a dtype left out
+        if set(flags) - {"", MISALIGNED}:
+            raise ValueError(f"bench_gate: unknown case flag in {item!r}; the one flag is {MISALIGNED!r}")
         n, g, d = (int(x) for x in shape.split("x"))
-        cases.append(Case(n, g, d, getattr(torch, dtype or "float32")))
+        cases.append(Case(n, g, d, getattr(torch, dtype or "float32"), misaligned=MISALIGNED in flags))
     return cases
 
 
 def make_inputs(case: Case, device: str, seed: int = 0) -> list[torch.Tensor]:
-    """h, k [N, G, D], v [N, D] from randn; w_q, w_k [G, D] near 1; all require grad."""
+    """h, k [N, G, D], v [N, D] from randn; w_q, w_k [G, D] near 1; all require grad.
+
+    For a misaligned case h, k and v are contiguous views one element into larger buffers.
+    """
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(device=device, dtype=case.dtype)
 
+    def offset_by_one(t: torch.Tensor) -> torch.Tensor:
+        buffer = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)
+        view = buffer[1:].view(t.shape)
+        view.copy_(t)
+        return view
+
     h, k = randn(case.n, case.g, case.d), randn(case.n, case.g, case.d)
     v = randn(case.n, case.d)
+    if case.misaligned:
+        h, k, v = (offset_by_one(t) for t in (h, k, v))
     w_q, w_k = (1 + 0.1 * randn(case.g, case.d) for _ in range(2))
     return [t.requires_grad_() for t in (h, k, v, w_q, w_k)]
 
@@ -279,6 +302,7 @@ def table_rows(rows: list[Row], copy_bw: float) -> list[dict[str, object]]:
                 "g": row.case.g,
                 "d": row.case.d,
                 "dtype": str(row.case.dtype).removeprefix("torch."),
+                "misaligned": row.case.misaligned,
                 "phase": row.phase,
                 **{f"{name}_ms": None if t.get(name) is None else t[name] * 1e3 for name in IMPLS},
                 "eager_over_ours": _ratio(t.get("eager"), t.get("ours")),
@@ -329,6 +353,11 @@ def write_csv(records: list[dict[str, object]], path: Path) -> None:
         writer.writerows(records)
 
 
+def _tick_label(record: dict[str, object]) -> str:
+    flag = f" {MISALIGNED}" if record["misaligned"] else ""
+    return f"{record['n']}x{record['g']}x{record['d']}\n{record['dtype']}{flag}"
+
+
 def plot_speedups(records: list[dict[str, object]], path: Path, title: str) -> None:
     """One panel per phase: bars eager/ours and compiled/ours per case, log scale, line at 1."""
     import matplotlib
@@ -352,7 +381,7 @@ def plot_speedups(records: list[dict[str, object]], path: Path, title: str) -> N
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}x"))
         ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: f"{y:g}x"))
-        ax.set_xticks(range(len(rows)), [f"{r['n']}x{r['g']}x{r['d']}\n{r['dtype']}" for r in rows], fontsize=7)
+        ax.set_xticks(range(len(rows)), [_tick_label(r) for r in rows], fontsize=7)
         ax.set_title(phase, fontsize=9)
     axes[0].set_ylabel("speedup of ours (time ratio)")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(series), fontsize=8)
@@ -425,14 +454,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     print(f"copy bandwidth: {copy_bw / 1e9:.1f} GB/s", file=sys.stderr)
 
-    rows = [row for case in cases for row in bench_case(case, impls, args.device, threads, args.min_time)]
-    records = table_rows(rows, copy_bw)
-    text = markdown(records, header)
-    print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"gate_{args.device}"
-    stem.with_suffix(".md").write_text(text)
-    write_csv(records, stem.with_suffix(".csv"))
+    rows: list[Row] = []
+    for done, case in enumerate(cases, start=1):
+        rows += bench_case(case, impls, args.device, threads, args.min_time)
+        records = table_rows(rows, copy_bw)
+        # Rewritten after every case: a run stopped by a time limit keeps the cases it finished.
+        progress = "" if done == len(cases) else f"\n\nPartial: {done} of {len(cases)} cases so far."
+        text = markdown(records, header + progress)
+        stem.with_suffix(".md").write_text(text)
+        write_csv(records, stem.with_suffix(".csv"))
+    print(text)
     plot_speedups(records, stem.with_suffix(".png"), f"gate speedup of ours ({where})")
     print(f"wrote {stem}.md, .csv, .png", file=sys.stderr)
 

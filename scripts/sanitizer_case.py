@@ -1,24 +1,121 @@
-"""A small forward and backward of every kernel variant, for compute-sanitizer (scripts/gpu_check.sh)."""
+"""Every CUDA kernel path once, small enough for compute-sanitizer (scripts/gpu_check.sh runs it
+under memcheck, racecheck, initcheck and synccheck).
+
+The gate, forward and backward, in every dtype, on the 16-byte vector path (G = 4, D = 256) and
+the scalar one (G = 5, odd D = 67), with each block taking more than one row (forward) and more
+than one token (backward): N comes from the SM count. The options: weights both, one (w_q in
+float32 too) or none, residual, mask, no signed square root, h and grad_o one element past a
+16-byte boundary, a gradient for a or none, and a forward without grad. Then ngram_hash on
+contiguous, strided and transposed ids, and empty inputs of both operators.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 import retrieval_attention
 
+DEVICE = "cuda"  # one name, so that a dry run of the logic can point it at the CPU
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+SHAPES = ((4, 256), (5, 67))  # (G, D): the vector path, the scalar path
+# More blocks per SM than any kernel launches at >= 128 threads (2048 threads per SM), so each block
+# gets at least ITEMS_PER_BLOCK tokens (backward) and rows (forward).
+MAX_BLOCKS_PER_SM = 16
+ITEMS_PER_BLOCK = 2
+NGRAM_VOCAB = 50_000
+NGRAM_TABLE_SIZES = (1009, 2003)  # orders 2 and 3
+NGRAM_HEADS = 4
+NGRAM_BATCH = 16  # with T = N: more than one grid stride of the ngram kernel
+
+
+@dataclass(frozen=True)
+class Options:
+    w_q: str = "same"  # "same" (the dtype of h), "float32" or "none"
+    w_k: str = "same"
+    residual: bool = False
+    mask: bool = False
+    signed_sqrt: bool = True
+    misaligned: bool = False  # h and grad_o start one element into their buffers
+    grad_a: bool = True
+
+
+# Weighted or not crossed with residual or not (the kernels' template flags), each other option at least once.
+OPTIONS = (
+    Options(),
+    Options(w_q="none", w_k="none", residual=True, mask=True),
+    Options(w_q="none", w_k="none", signed_sqrt=False, grad_a=False),
+    Options(w_q="float32", w_k="none", residual=True, mask=True),
+    Options(w_q="none", mask=True, misaligned=True),
+    Options(residual=True, misaligned=True, grad_a=False),
+)
+
+
+def misaligned_like(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``t`` starting one element past its buffer's (16-byte aligned) start."""
+    view = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)[1:].view(t.shape)
+    return view.copy_(t)
+
+
+def weight(kind: str, dtype: torch.dtype, G: int, D: int) -> torch.Tensor | None:
+    if kind == "none":
+        return None
+    w_dtype = dtype if kind == "same" else getattr(torch, kind)
+    return (1 + 0.1 * torch.randn(G, D, device=DEVICE, dtype=w_dtype)).requires_grad_()
+
+
+def run_gate(N: int, G: int, D: int, dtype: torch.dtype, opt: Options) -> None:
+    """One forward and backward; the gradients reach every input."""
+    h = torch.randn(N, G, D, device=DEVICE, dtype=dtype)
+    if opt.misaligned:
+        h = misaligned_like(h)
+    h.requires_grad_()
+    k = torch.randn(N, G, D, device=DEVICE, dtype=dtype, requires_grad=True)
+    v = torch.randn(N, D, device=DEVICE, dtype=dtype, requires_grad=True)
+    w_q, w_k = weight(opt.w_q, dtype, G, D), weight(opt.w_k, dtype, G, D)
+    mask = torch.arange(N, device=DEVICE) % 3 != 0 if opt.mask else None
+    o, a = retrieval_attention.gate(h, k, v, w_q, w_k, mask=mask, residual=opt.residual, signed_sqrt=opt.signed_sqrt)
+    grad_o = torch.randn_like(o)
+    if opt.misaligned:
+        grad_o = misaligned_like(grad_o)
+    outputs, grads = [o], [grad_o]
+    if opt.grad_a:
+        outputs.append(a)
+        grads.append(torch.randn_like(a))
+    torch.autograd.backward(outputs, grads)
+
+
+def run_forward_without_grad(N: int, G: int, D: int, dtype: torch.dtype) -> None:
+    """Nothing saved for a backward: the forward's other path."""
+    h, k = (torch.randn(N, G, D, device=DEVICE, dtype=dtype) for _ in range(2))
+    v = torch.randn(N, D, device=DEVICE, dtype=dtype)
+    with torch.no_grad():
+        retrieval_attention.gate(h, k, v, residual=True)
+
+
+def run_ngram_hash(N: int) -> None:
+    tables = retrieval_attention.ngram_hash_tables(NGRAM_TABLE_SIZES, NGRAM_HEADS, token_vocab_size=NGRAM_VOCAB)
+    multipliers, primes = (t.to(DEVICE) for t in tables[0])  # layer 0's
+    wide = torch.randint(0, NGRAM_VOCAB, (NGRAM_BATCH, 2 * N), device=DEVICE)
+    for ids in (wide[:, :N].contiguous(), wide[:, ::2], wide[:, :NGRAM_BATCH].t(), wide[:0], wide[:, :0]):
+        retrieval_attention.ngram_hash(ids, multipliers, primes, pad_id=0)
+
 
 def main() -> None:
     torch.manual_seed(0)
-    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        for N, G, D in ((5, 3, 64), (4, 2, 67), (0, 2, 8)):  # the 16-byte path, the scalar path, no rows
-            for weights, residual, mask in ((True, False, False), (False, True, True)):
-                h, k = (torch.randn(N, G, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
-                v = torch.randn(N, D, device="cuda", dtype=dtype, requires_grad=True)
-                w = [torch.rand(G, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2)]
-                w = w if weights else [None, None]
-                keep = torch.arange(N, device="cuda") % 2 == 0 if mask else None
-                o, a = retrieval_attention.gate(h, k, v, *w, residual=residual, mask=keep)
-                (o.float().square().sum() + a.sum()).backward()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    N = ITEMS_PER_BLOCK * MAX_BLOCKS_PER_SM * sms
+    print(f"sanitizer case: {sms} SMs, N = {N}")
+    for dtype in DTYPES:
+        for G, D in SHAPES:
+            for opt in OPTIONS:
+                run_gate(N, G, D, dtype, opt)
+            run_forward_without_grad(N, G, D, dtype)
+            run_gate(0, G, D, dtype, Options(mask=True))
+        print(f"  gate {dtype}: done")
+    run_ngram_hash(N)
+    print("  ngram_hash: done")
     torch.cuda.synchronize()
     print("sanitizer case done")
 
