@@ -41,8 +41,8 @@ def test_engram_sizes_bfloat16(D: int, seed: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_unaligned_rows_take_the_scalar_path(dtype: torch.dtype, seed: int) -> None:
-    """Rows starting one element past a 16-byte boundary (and D not a multiple of the pack)."""
+def test_unaligned_rows(dtype: torch.dtype, seed: int) -> None:
+    """Rows starting one element past a 16-byte boundary: D off the pack (scalar path), then on it (shifted packs)."""
     check(GateCase((11,), 2, 67, dtype=dtype, device="cuda", fused_kv=True, residual=True, seed=seed))
     check(GateCase((11,), 2, 64, dtype=dtype, device="cuda", fused_kv=True, seed=seed))
 
@@ -56,8 +56,8 @@ def test_blocks_loop_over_tokens_and_rows(dtype: torch.dtype, D: int, seed: int)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_misaligned_views_take_scalar_accesses_alone(dtype: torch.dtype, seed: int) -> None:
-    """h one element past the 16-byte grid, k and v with rows D + 1 apart: those read by element, the rest by pack."""
+def test_misaligned_views_load_shifted_packs(dtype: torch.dtype, seed: int) -> None:
+    """h one element past the 16-byte grid, k and v with rows D + 1 apart (every shift of a pack)."""
     layouts = gate_harness.laid_out("offset", "h") + gate_harness.laid_out("sliced", "k", "v")
     check(GateCase((129,), 4, 64, dtype=dtype, device="cuda", layouts=layouts, residual=True, seed=seed))
 
