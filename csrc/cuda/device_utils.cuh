@@ -38,18 +38,13 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, kVec>& x) {
   *reinterpret_cast<Pack<T, kVec>*>(p) = x;
 }
 
-// The kVec elements at columns [d, d + kVec) of a row of D elements (D a multiple of kVec). A row
-// off the 16-byte grid (a view into its storage, rows an odd number of elements apart) still takes
-// 16-byte loads: the two aligned packs around the columns, shifted into place. Nothing outside the
-// row is read: its first and last packs load only their part of the row.
+// The kVec elements at [p, p + kVec) of a row of D elements, p being m elements past the 16-byte
+// grid (0 < m < kVec) at column d: the two aligned packs around them, shifted into place. Nothing
+// outside the row is read: its first and last packs load only their part of the row. Not inlined:
+// the aligned rows' path stays as lean in registers as if this one did not exist.
 template <typename T, int kVec>
-__device__ __forceinline__ Pack<T, kVec> load_from_row(const T* row, int64_t d, int64_t D) {
-  static_assert(kVec == 1 || sizeof(T) * kVec == kVectorBytes, "a pack is one element or 16 bytes");
-  const int m = static_cast<int>(reinterpret_cast<uintptr_t>(row + d) / sizeof(T) % kVec);
-  if (m == 0) {
-    return load_pack<T, kVec>(row + d);
-  }
-  const T* base = row + d - m;  // on the grid
+__device__ __noinline__ Pack<T, kVec> load_shifted(const T* p, int m, int64_t d, int64_t D) {
+  const T* base = p - m;  // on the grid
   Pack<T, kVec> lo, hi, out;
   if (d > 0) {
     lo = load_pack<T, kVec>(base);
@@ -82,6 +77,20 @@ __device__ __forceinline__ Pack<T, kVec> load_from_row(const T* row, int64_t d, 
     }
   }
   return out;
+}
+
+// The kVec elements at columns [d, d + kVec) of a row of D elements (D a multiple of kVec): one
+// 16-byte load, or, for a row off the grid (a view into its storage, rows an odd number of elements
+// apart), two (load_shifted).
+template <typename T, int kVec>
+__device__ __forceinline__ Pack<T, kVec> load_from_row(const T* row, int64_t d, int64_t D) {
+  static_assert(kVec == 1 || sizeof(T) * kVec == kVectorBytes, "a pack is one element or 16 bytes");
+  const T* p = row + d;
+  const int m = static_cast<int>(reinterpret_cast<uintptr_t>(p) / sizeof(T) % kVec);
+  if (m == 0) {
+    return load_pack<T, kVec>(p);
+  }
+  return load_shifted<T, kVec>(p, m, d, D);
 }
 
 // kN accumulators (float or double) in 16-byte pieces; scalar when they make less than 16 bytes.

@@ -197,7 +197,7 @@ __global__ void __launch_bounds__(kMaxBackwardThreads, kBackwardMinBlocks)
     // g = q / Dv, columns (q % Dv) * kVec: followed incrementally, without a division per pack).
     // The next token's step 1 writes only this thread's parts; its barrier precedes new coefficients.
     int64_t g = tid / Dv, dq = tid % Dv;
-#pragma unroll 2
+#pragma unroll 2  // two packs' loads in flight
     for (int64_t q = tid; q < packs; q += T) {
       const int64_t d = dq * kVec;
       const acc_t cross = coeff[g * kCoeffs + 0];
