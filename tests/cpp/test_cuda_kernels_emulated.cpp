@@ -151,124 +151,32 @@ TEST_P(EmulatedKernels, MatchTheCpuOperator) {
   EXPECT_EQ(emu::misaligned_accesses.load(), misaligned_before) << "a vector access off its alignment";
 }
 
-Case with(Case c, const std::string& name, void (*change)(Case&)) {
-  c.name = name;
-  change(c);
-  return c;
-}
-
-const Case kBase{"base", at::kFloat, 7, 3, 64};
-
-INSTANTIATE_TEST_SUITE_P(
-    Gate, EmulatedKernels,
-    testing::Values(
-        // Several tokens per backward block and rows per forward block, every option on.
-        with(kBase, "float64_all_options",
-             [](Case& c) {
-               c.dtype = at::kDouble;
-               c.mask = c.residual = true;
-             }),
-        with(kBase, "float32_vector",
-             [](Case& c) {
-               c.G = 4;
-               c.D = 256;
-             }),
-        with(kBase, "bfloat16_vector_residual",
-             [](Case& c) {
-               c.dtype = at::kBFloat16;
-               c.N = 8;
-               c.G = 4;
-               c.D = 256;
-               c.residual = true;
-             }),
-        with(kBase, "float16_no_weights_mask",
-             [](Case& c) {
-               c.dtype = at::kHalf;
-               c.N = 5;
-               c.G = 2;
-               c.D = 40;
-               c.w_q = c.w_k = false;
-               c.mask = true;
-             }),
-        // The scalar path: D off the pack; G = 5; one weight; no grad_a.
-        with(kBase, "float32_scalar_odd_d",
-             [](Case& c) {
-               c.N = 9;
-               c.G = 5;
-               c.D = 67;
-               c.w_k = false;
-               c.grad_a = false;
-             }),
-        with(kBase, "bfloat16_scalar_odd_d",
-             [](Case& c) {
-               c.dtype = at::kBFloat16;
-               c.N = 6;
-               c.G = 5;
-               c.D = 37;
-               c.w_q = false;
-               c.mask = true;
-             }),
-        // Rows off the 16-byte grid (every shift of a pack, and rows of one pack) still load by pack.
-        with(kBase, "float32_misaligned_h_strided_k",
-             [](Case& c) {
-               c.misaligned_h = c.strided_k = true;
-               c.residual = true;
-             }),
-        with(kBase, "bfloat16_misaligned_h_strided_k",
-             [](Case& c) {
-               c.dtype = at::kBFloat16;
-               c.misaligned_h = c.strided_k = c.mask = true;
-             }),
-        with(kBase, "float32_one_pack_rows_misaligned",
-             [](Case& c) {
-               c.D = 4;
-               c.misaligned_h = c.strided_k = true;
-             }),
-        with(kBase, "float16_misaligned_h",
-             [](Case& c) {
-               c.dtype = at::kHalf;
-               c.D = 32;
-               c.misaligned_h = true;
-             }),
-        // Fewer tokens than blocks, one block, and more blocks than rows.
-        with(kBase, "float32_one_token",
-             [](Case& c) {
-               c.N = 1;
-               c.G = 2;
-             }),
-        with(kBase, "float64_one_block",
-             [](Case& c) {
-               c.dtype = at::kDouble;
-               c.resident_blocks = 1;
-               c.N = 5;
-             }),
-        with(kBase, "float32_many_blocks",
-             [](Case& c) {
-               c.resident_blocks = 64;
-               c.N = 4;
-               c.G = 3;
-             }),
-        // Shared memory that holds the partial but not the weights, then neither (global partial rows).
-        with(kBase, "float32_partial_staged_only",
-             [](Case& c) {
-               c.G = 4;
-               c.D = 256;
-               c.shared_budget = 8 * 1024;
-             }),
-        with(kBase, "float32_nothing_staged",
-             [](Case& c) {
-               c.G = 4;
-               c.D = 256;
-               c.shared_budget = 3 * 1024;
-             }),
-        with(kBase, "bfloat16_nothing_staged",
-             [](Case& c) {
-               c.dtype = at::kBFloat16;
-               c.G = 5;
-               c.D = 67;
-               c.shared_budget = 2 * 1024;
-             })),
+// One case a line (designated initializers: each names what it changes from Case's defaults).
+// clang-format off
+INSTANTIATE_TEST_SUITE_P(Gate, EmulatedKernels, testing::Values(
+    // Several tokens per backward block and rows per forward block, every option on.
+    Case{.name = "float64_all_options", .dtype = at::kDouble, .N = 7, .G = 3, .D = 64, .mask = true, .residual = true},
+    Case{.name = "float32_vector", .dtype = at::kFloat, .N = 7, .G = 4, .D = 256},
+    Case{.name = "bfloat16_vector_residual", .dtype = at::kBFloat16, .N = 8, .G = 4, .D = 256, .residual = true},
+    Case{.name = "float16_no_weights_mask", .dtype = at::kHalf, .N = 5, .G = 2, .D = 40, .w_q = false, .w_k = false, .mask = true},
+    // The scalar path: D off the pack; G = 5; one weight; no grad_a.
+    Case{.name = "float32_scalar_odd_d", .dtype = at::kFloat, .N = 9, .G = 5, .D = 67, .w_k = false, .grad_a = false},
+    Case{.name = "bfloat16_scalar_odd_d", .dtype = at::kBFloat16, .N = 6, .G = 5, .D = 37, .w_q = false, .mask = true},
+    // Rows off the 16-byte grid (every shift of a pack, and rows of one pack) still load by pack.
+    Case{.name = "float32_misaligned_h_strided_k", .dtype = at::kFloat, .N = 7, .G = 3, .D = 64, .residual = true, .misaligned_h = true, .strided_k = true},
+    Case{.name = "bfloat16_misaligned_h_strided_k", .dtype = at::kBFloat16, .N = 7, .G = 3, .D = 64, .mask = true, .misaligned_h = true, .strided_k = true},
+    Case{.name = "float32_one_pack_rows_misaligned", .dtype = at::kFloat, .N = 7, .G = 3, .D = 4, .misaligned_h = true, .strided_k = true},
+    Case{.name = "float16_misaligned_h", .dtype = at::kHalf, .N = 7, .G = 3, .D = 32, .misaligned_h = true},
+    // Fewer tokens than blocks, one block, and more blocks than rows.
+    Case{.name = "float32_one_token", .dtype = at::kFloat, .N = 1, .G = 2, .D = 64},
+    Case{.name = "float64_one_block", .dtype = at::kDouble, .N = 5, .G = 3, .D = 64, .resident_blocks = 1},
+    Case{.name = "float32_many_blocks", .dtype = at::kFloat, .N = 4, .G = 3, .D = 64, .resident_blocks = 64},
+    // Shared memory that holds the partial but not the weights, then neither (global partial rows).
+    Case{.name = "float32_partial_staged_only", .dtype = at::kFloat, .N = 7, .G = 4, .D = 256, .shared_budget = 8 * 1024},
+    Case{.name = "float32_nothing_staged", .dtype = at::kFloat, .N = 7, .G = 4, .D = 256, .shared_budget = 3 * 1024},
+    Case{.name = "bfloat16_nothing_staged", .dtype = at::kBFloat16, .N = 7, .G = 5, .D = 67, .shared_budget = 2 * 1024}),
     case_name);
+// clang-format on
 
 // The layout's own promises: what it puts in shared memory fits the budget, and the G it refuses
 // is exactly where the smallest layout stops fitting.
