@@ -24,6 +24,14 @@ TORCH_LIBRARY(retrieval_attention, m) {
   m.def(("gate_backward(Tensor grad_o, Tensor? grad_a, Tensor a, Tensor stats, " + kGateArguments +
          ") -> (Tensor grad_h, Tensor grad_k, Tensor grad_v, Tensor grad_w_q, Tensor grad_w_k)")
             .c_str());
+  // docs/block.md: y = x + SiLU(CausalDilatedDepthwiseConv(RMSNorm_g(x))) (residual=False: without x), x
+  // [B, T, G, D], weight [G * D, 1, K], norm_weight [G, D]; the backward recomputes what it needs from x.
+  m.def(
+      "short_conv(Tensor x, Tensor weight, Tensor norm_weight, *, int dilation=3, float eps=1e-05, "
+      "bool residual=True) -> Tensor");
+  m.def(
+      "short_conv_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor norm_weight, *, int dilation=3, "
+      "float eps=1e-05, bool residual=True) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_norm_weight)");
   // docs/ngram.md: hashed n-gram ids [B, T, (max_n - 1) * H] of token ids [B, T]; integer, so no autograd.
   m.def("ngram_hash(Tensor ids, Tensor multipliers, Tensor primes, *, int pad_id) -> Tensor");
 }

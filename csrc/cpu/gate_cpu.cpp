@@ -1,57 +1,42 @@
 // CPU host functions of the gate and their registration at the CPU key.
-#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include "common/gate_host.h"
+#include "cpu/capability.h"
 #include "cpu/gate_cpu_kernels.h"
 #include "gate_op.h"
 
 #include <string>
+#include <vector>
 
 namespace retrieval_attention {
 namespace cpu {
 namespace {
 
-int capability_rank(const std::string& name) {
-  if (name == "AVX512") {
-    return 2;
-  }
-  return name == "AVX2" ? 1 : 0;
-}
-
-GateKernels select_kernels() {
-  // at::get_cpu_capability() is what ATen itself dispatches on (ATEN_CPU_CAPABILITY included).
-  const int allowed = capability_rank(at::get_cpu_capability());
-  GateKernels best = DEFAULT::gate_kernels();
+// The compiled variants, lowest first.
+std::vector<GateKernels> gate_variants() {
+  std::vector<GateKernels> variants{DEFAULT::gate_kernels()};
 #ifdef RA_CPU_AVX2
-  if (allowed >= capability_rank("AVX2")) {
-    best = AVX2::gate_kernels();
-  }
+  variants.push_back(AVX2::gate_kernels());
 #endif
 #ifdef RA_CPU_AVX512
-  if (allowed >= capability_rank("AVX512")) {
-    best = AVX512::gate_kernels();
-  }
+  variants.push_back(AVX512::gate_kernels());
 #endif
-  (void)allowed;
-  return best;
+  return variants;
 }
 
 }  // namespace
 
 const GateKernels& selected_gate_kernels() {
-  static const GateKernels kernels = select_kernels();
+  static const GateKernels kernels = best_variant(gate_variants());
   return kernels;
 }
 
 std::vector<std::string> compiled_capabilities() {
-  std::vector<std::string> caps{DEFAULT::gate_kernels().capability};
-#ifdef RA_CPU_AVX2
-  caps.emplace_back(AVX2::gate_kernels().capability);
-#endif
-#ifdef RA_CPU_AVX512
-  caps.emplace_back(AVX512::gate_kernels().capability);
-#endif
+  std::vector<std::string> caps;
+  for (const auto& v : gate_variants()) {
+    caps.emplace_back(v.capability);
+  }
   return caps;
 }
 

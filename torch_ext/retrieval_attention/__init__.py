@@ -22,7 +22,7 @@ except ImportError as error:  # pragma: no cover - only without a build
     ) from error
 
 from . import _ops, reference  # noqa: F401  (_ops registers the fake kernels)
-from .functional import gate, ngram_hash
+from .functional import gate, ngram_hash, short_conv
 from .modules import RetrievalAttention, RetrievalGate, ShortConv
 from .ngram import NgramHashEmbedding, ngram_hash_tables
 
@@ -49,4 +49,5 @@ __all__ = [
     "ngram_hash",
     "ngram_hash_tables",
     "reference",
+    "short_conv",
 ]

@@ -63,3 +63,17 @@ def _ngram_hash_fake(
 ) -> torch.Tensor:
     B, T = ids.shape
     return ids.new_empty((B, T, (multipliers.shape[0] - 1) * primes.shape[1]), dtype=torch.int64)
+
+
+@torch.library.register_fake("retrieval_attention::short_conv")
+def _short_conv_fake(
+    x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, **options: object
+) -> torch.Tensor:
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("retrieval_attention::short_conv_backward")
+def _short_conv_backward_fake(
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, **options: object
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), norm_weight.new_empty(norm_weight.shape)

@@ -63,6 +63,54 @@ def gate(
     return o, a
 
 
+def short_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    norm_weight: torch.Tensor,
+    *,
+    dilation: int = 3,
+    eps: float = 1e-5,
+    residual: bool = True,
+) -> torch.Tensor:
+    """The block's short convolution (docs/block.md), fused into one kernel per direction::
+
+        xn = RMSNorm_g(x; norm_weight[g], eps)                        per branch g
+        z[t] = sum_i weight[:, 0, i] * xn[t - (K - 1 - i) * dilation]  causal: zero before the start
+        y = x + SiLU(z)                                               (SiLU(z) with residual=False)
+
+    Args:
+        x: ``[B, T, G, D]``, float32, float64, float16 or bfloat16; any strides.
+        weight: depthwise taps ``[G * D, 1, K]`` (``nn.Conv1d``'s layout), the dtype of ``x`` or float32.
+        norm_weight: ``[G, D]``, the dtype of ``x`` or float32.
+        dilation: spacing of the taps, ``>= 1``.
+        eps: RMSNorm epsilon, ``>= 0``.
+        residual: add ``x`` to the output.
+
+    Returns:
+        ``y`` ``[B, T, G, D]``, contiguous, the dtype of ``x``. Differentiable in ``x``, ``weight``
+        and ``norm_weight``; the backward saves only the inputs and recomputes the rest. Runs on the
+        CPU kernel; other devices take the same math in PyTorch ops.
+    """
+    if x.device.type != "cpu":
+        return _short_conv_eager(x, weight, norm_weight, dilation=dilation, eps=eps, residual=residual)
+    return torch.ops.retrieval_attention.short_conv(
+        x, weight, norm_weight, dilation=dilation, eps=eps, residual=residual
+    )
+
+
+def _short_conv_eager(
+    x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, *, dilation: int, eps: float, residual: bool
+) -> torch.Tensor:
+    """short_conv in PyTorch ops, for devices without its kernel (CUDA for now)."""
+    B, T, G, D = x.shape
+    K = weight.shape[-1]
+    xn = torch.nn.functional.rms_norm(x, (D,), None, eps) * norm_weight.to(x.dtype)
+    xc = torch.nn.functional.pad(xn.reshape(B, T, G * D).transpose(1, 2), ((K - 1) * dilation, 0))
+    z = torch.nn.functional.conv1d(xc, weight.to(x.dtype), None, 1, 0, dilation, G * D)
+    out = torch.nn.functional.silu(z).transpose(1, 2).reshape(B, T, G, D)
+    return x + out if residual else out
+
+
 def ngram_hash(ids: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tensor, *, pad_id: int) -> torch.Tensor:
     """Hashed n-gram ids of token ids (docs/ngram.md), as the Engram demo's ``NgramHashMapping``.
 

@@ -6,10 +6,9 @@ import math
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .functional import gate
+from .functional import gate, short_conv
 
 
 class RetrievalGate(nn.Module):
@@ -136,13 +135,9 @@ class ShortConv(nn.Module):
         else:  # nn.Conv1d's default initialization
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, G, D = x.shape
-        xn = F.rms_norm(x, (D,), None, self.eps) * self.norm_weight
-        # [B, T, G*D] -> [B, G*D, T], causal: (K - 1) * dilation zeros on the left only.
-        xc = F.pad(xn.reshape(B, T, G * D).transpose(1, 2), ((self.kernel_size - 1) * self.dilation, 0))
-        y = F.conv1d(xc, self.weight, None, 1, 0, self.dilation, G * D)
-        return F.silu(y).transpose(1, 2).reshape(B, T, G, D)
+    def forward(self, x: torch.Tensor, *, residual: bool = False) -> torch.Tensor:
+        """``SiLU(z)``, or ``x + SiLU(z)`` with ``residual`` (one fused operator either way)."""
+        return short_conv(x, self.weight, self.norm_weight, dilation=self.dilation, eps=self.eps, residual=residual)
 
     def extra_repr(self) -> str:
         return (
@@ -234,7 +229,7 @@ class RetrievalAttention(nn.Module):
         k = kv[..., D:].unflatten(-1, (G, D))
         y, a = self.gate(h, k, v, mask)
         if self.short_conv is not None:
-            y = y + self.short_conv(y)
+            y = self.short_conv(y, residual=True)
         if single:
             y = y.squeeze(-2)
         return (y, a) if return_gate else y

@@ -1,0 +1,39 @@
+#include "common/short_conv_host.h"
+
+#include <c10/util/Exception.h>
+
+#include <cmath>
+
+namespace retrieval_attention {
+
+int64_t ShortConvShape::context() const { return (K - 1) * dilation; }
+
+ShortConvShape check_short_conv(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                                const at::Tensor& norm_weight, int64_t dilation, double eps) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
+                   ": expected `x` to have dtype float32, float64, float16 or bfloat16, but got ", dtype);
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": expected `x` of shape [B, T, G, D], but got ", x.sizes());
+  ShortConvShape s{x.size(0), x.size(1), x.size(2), x.size(3), 0, dilation};
+  TORCH_CHECK_VALUE(s.G >= 1 && s.D >= 1, op, ": expected `x` of shape [B, T, G, D] with G >= 1 and D >= 1, but got ",
+                    x.sizes());
+  const auto check_param = [&](const char* name, const at::Tensor& t) {
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype || t.scalar_type() == at::kFloat, op, ": expected `", name,
+                     "` to have the dtype of `x` (", dtype, ") or float32, but got ", t.scalar_type());
+    TORCH_CHECK(t.device() == x.device(), op, ": expected `", name, "` on the device of `x` (", x.device(),
+                "), but got ", t.device());
+  };
+  check_param("weight", weight);
+  check_param("norm_weight", norm_weight);
+  TORCH_CHECK_VALUE(weight.dim() == 3 && weight.size(0) == s.G * s.D && weight.size(1) == 1 && weight.size(2) >= 1, op,
+                    ": expected `weight` of shape [G * D, 1, K] = [", s.G * s.D, ", 1, K] with K >= 1, but got ",
+                    weight.sizes());
+  s.K = weight.size(2);
+  TORCH_CHECK_VALUE(norm_weight.dim() == 2 && norm_weight.size(0) == s.G && norm_weight.size(1) == s.D, op,
+                    ": expected `norm_weight` of shape [G, D] = [", s.G, ", ", s.D, "], but got ", norm_weight.sizes());
+  TORCH_CHECK_VALUE(dilation >= 1, op, ": expected `dilation` >= 1, but got ", dilation);
+  TORCH_CHECK_VALUE(eps >= 0 && std::isfinite(eps), op, ": expected `eps` >= 0 and finite, but got ", eps);
+  return s;
+}
+
+}  // namespace retrieval_attention
