@@ -129,6 +129,7 @@ demo-gate: build
 
 bench: build
 	$(RUN) benchmarks/bench_gate.py
+	$(RUN) benchmarks/bench_layer.py
 
 lint: $(ENV_STAMP)
 	@command -v clang-format >/dev/null || \

@@ -1,0 +1,21 @@
+"""The layer benchmark runs end to end on a tiny case and writes its table (no time is asserted)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_layer_benchmark_writes_its_table(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_layer
+
+    monkeypatch.setattr(bench_layer, "keep_freed_memory", lambda: False)  # leave this process's malloc alone
+    bench_layer.main(["--cases", "1x9x2x16x12:float32", "--min-time", "0.01", "--out", str(tmp_path)])
+    table = (tmp_path / "layer_cpu.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| 1x9x2x16x12:float32")]
+    assert [row.split(" | ")[1] for row in rows] == ["fwd", "fwd+bwd"]
+    assert "n/a" not in table
+    sys.modules.pop("bench_layer", None)
