@@ -43,9 +43,9 @@ class ShortConvFunction : public torch::autograd::Function<ShortConvFunction> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    auto [dx, dw, dnw] = call_short_conv_backward(
-        grads[0].contiguous(), saved[0], saved[1], saved[2], ctx->saved_data["dilation"].toInt(),
-        ctx->saved_data["eps"].toDouble(), ctx->saved_data["residual"].toBool());
+    auto [dx, dw, dnw] =
+        call_short_conv_backward(grads[0], saved[0], saved[1], saved[2], ctx->saved_data["dilation"].toInt(),
+                                 ctx->saved_data["eps"].toDouble(), ctx->saved_data["residual"].toBool());
     return {dx, dw, dnw, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };

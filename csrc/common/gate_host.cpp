@@ -17,10 +17,6 @@ namespace {
 constexpr const char* kForwardOp = "retrieval_attention.gate";
 constexpr const char* kBackwardOp = "retrieval_attention.gate_backward";
 
-bool is_supported_dtype(c10::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
 void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& h, at::IntArrayRef shape) {
   TORCH_CHECK_TYPE(t.scalar_type() == h.scalar_type(), op, ": expected `", name, "` to have the dtype of `h` (",
                    h.scalar_type(), "), but got ", t.scalar_type());
@@ -151,6 +147,10 @@ void set_inputs(Plan& plan, const Shape& s, const GateInputs& in, const GateOpti
 }
 
 }  // namespace
+
+bool is_supported_dtype(c10::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
 
 c10::ScalarType acc_dtype(c10::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
 

@@ -12,6 +12,9 @@
 
 namespace retrieval_attention {
 
+// float32, float64, float16 or bfloat16: the dtypes every operator of the library takes.
+bool is_supported_dtype(c10::ScalarType t);
+
 // float64 for float64 inputs, float32 otherwise: the dtype of a, stats and weight sums.
 c10::ScalarType acc_dtype(c10::ScalarType dtype);
 

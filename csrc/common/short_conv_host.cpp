@@ -2,16 +2,16 @@
 
 #include <c10/util/Exception.h>
 
+#include "common/gate_host.h"
+
 #include <cmath>
 
 namespace retrieval_attention {
 
-int64_t ShortConvShape::context() const { return (K - 1) * dilation; }
-
 ShortConvShape check_short_conv(const char* op, const at::Tensor& x, const at::Tensor& weight,
                                 const at::Tensor& norm_weight, int64_t dilation, double eps) {
   const auto dtype = x.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, op,
+  TORCH_CHECK_TYPE(is_supported_dtype(dtype), op,
                    ": expected `x` to have dtype float32, float64, float16 or bfloat16, but got ", dtype);
   TORCH_CHECK_VALUE(x.dim() == 4, op, ": expected `x` of shape [B, T, G, D], but got ", x.sizes());
   ShortConvShape s{x.size(0), x.size(1), x.size(2), x.size(3), 0, dilation};

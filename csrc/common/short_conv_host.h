@@ -8,9 +8,7 @@
 namespace retrieval_attention {
 
 struct ShortConvShape {
-  int64_t B, T, G, D, K;
-  int64_t context() const;  // (K - 1) * dilation tokens before t that position t reads
-  int64_t dilation;
+  int64_t B, T, G, D, K, dilation;
 };
 
 // Checks x, weight, norm_weight and the options; the error names the argument.

@@ -43,28 +43,25 @@ struct Plan {
 Plan plan(const ShortConvShape& s, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& norm_weight,
           double eps, bool residual) {
   Plan pl;
+  auto& p = pl.params;
+  p.B = s.B;
+  p.T = s.T;
+  p.G = s.G;
+  p.D = s.D;
+  p.K = s.K;
+  p.dilation = s.dilation;
+  p.eps = eps;
+  p.residual = residual;
   const auto acc = acc_dtype(x.scalar_type());
   pl.x = x.contiguous();
   pl.taps = weight.to(acc).reshape({s.G, s.D, s.K}).transpose(1, 2).contiguous();  // [G, K, D]
   pl.norm = norm_weight.to(acc).contiguous();
-  const int64_t per_thread = cpu::short_conv_scratch_per_thread(s.D, s.context());
-  pl.scratch = at::empty({at::get_num_threads(), per_thread}, x.options().dtype(acc));
-  pl.params = {s.B,
-               s.T,
-               s.G,
-               s.D,
-               s.K,
-               s.dilation,
-               eps,
-               residual,
-               pl.x.data_ptr(),
-               nullptr,
-               nullptr,
-               pl.taps.data_ptr(),
-               pl.norm.data_ptr(),
-               nullptr,
-               pl.scratch.data_ptr(),
-               per_thread};
+  p.scratch_per_thread = cpu::short_conv_scratch_per_thread(s.D, p.context());
+  pl.scratch = at::empty({at::get_num_threads(), p.scratch_per_thread}, x.options().dtype(acc));
+  p.x = pl.x.data_ptr();
+  p.taps = pl.taps.data_ptr();
+  p.norm = pl.norm.data_ptr();
+  p.scratch = pl.scratch.data_ptr();
   return pl;
 }
 

@@ -17,7 +17,6 @@
 #include "common/gate_params.h"
 #include "common/static_switch.h"
 #include "cuda/device_utils.cuh"
-#include "cuda/gate_forward_kernel.cuh"
 
 #include <algorithm>
 #include <cstdint>
