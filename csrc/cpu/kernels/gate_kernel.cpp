@@ -13,6 +13,7 @@
 #include "common/gate_math.h"
 #include "common/static_switch.h"
 #include "cpu/gate_cpu_kernels.h"
+#include "cpu/kernels/lanes.h"
 
 #include <algorithm>
 #include <array>
@@ -35,68 +36,6 @@ using at::vec::Vectorized;
 // Rows of work per at::parallel_for task in the forward: enough elements to amortize a task.
 constexpr int64_t kForwardGrainElements = 1 << 15;
 
-// A chunk of kWidth elements of scalar_t held as acc_t vectors: float and double load
-// directly; float16 and bfloat16 are widened to float in registers.
-template <typename scalar_t>
-struct Lanes {
-  using acc_t = at::opmath_type<scalar_t>;
-  using AccVec = Vectorized<acc_t>;
-  static constexpr bool kReduced = !std::is_same_v<scalar_t, acc_t>;
-  static constexpr int kVecs = kReduced ? 2 : 1;
-  static constexpr int64_t kWidth = kVecs * AccVec::size();
-  using Chunk = std::array<AccVec, kVecs>;
-
-  static Chunk load(const scalar_t* p, int64_t count = kWidth) {
-    if constexpr (kReduced) {
-      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p, count));
-      return {lo, hi};
-    } else {
-      return {AccVec::loadu(p, count)};
-    }
-  }
-
-  // Loads acc_t data (the product weight, the weight-gradient partials) in the same shape.
-  static Chunk load_acc(const acc_t* p, int64_t count = kWidth) {
-    Chunk c;
-    for (const auto i : c10::irange(kVecs)) {
-      const int64_t n = std::clamp<int64_t>(count - i * AccVec::size(), 0, AccVec::size());
-      c[i] = AccVec::loadu(p + i * AccVec::size(), n);
-    }
-    return c;
-  }
-
-  static void store(scalar_t* p, const Chunk& c, int64_t count = kWidth) {
-    if constexpr (kReduced) {
-      at::vec::convert_from_float<scalar_t>(c[0], c[1]).store(p, count);
-    } else {
-      c[0].store(p, count);
-    }
-  }
-
-  static void store_acc(acc_t* p, const Chunk& c, int64_t count = kWidth) {
-    for (const auto i : c10::irange(kVecs)) {
-      const int64_t n = std::clamp<int64_t>(count - i * AccVec::size(), 0, AccVec::size());
-      if (n > 0) {
-        c[i].store(p + i * AccVec::size(), n);
-      }
-    }
-  }
-
-  static Chunk splat(acc_t x) {
-    Chunk c;
-    c.fill(AccVec(x));
-    return c;
-  }
-
-  static acc_t sum(const Chunk& c) {
-    AccVec t = c[0];
-    for (const auto i : c10::irange(1, kVecs)) {
-      t = t + c[i];
-    }
-    return at::vec::vec_reduce_all<acc_t>([](AccVec x, AccVec y) { return x + y; }, t);
-  }
-};
-
 // Tokens whose rows the backward's second pass walks together, column chunk by column chunk,
 // so the weight and its gradient partial are loaded and stored once per block, not per token.
 // It pays for float16/bfloat16 only: float32 rows are twice the bytes, and four tokens' streams
@@ -104,18 +43,6 @@ struct Lanes {
 // 7.3 -> 8.2 ms float32).
 template <typename scalar_t>
 constexpr int64_t kTokenBlock = Lanes<scalar_t>::kReduced ? 4 : 1;
-
-// Calls body(offset, count) over [0, D) in chunks of W: full chunks, then one ragged tail.
-template <int64_t W, typename Body>
-inline void for_each_chunk(int64_t D, const Body& body) {
-  int64_t d = 0;
-  for (; d + W <= D; d += W) {
-    body(d, W);
-  }
-  if (d < D) {
-    body(d, D - d);
-  }
-}
 
 template <typename scalar_t, bool kHasWeight>
 RowSums<at::opmath_type<scalar_t>> row_sums(const scalar_t* h, const scalar_t* k, const at::opmath_type<scalar_t>* w,
