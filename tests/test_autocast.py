@@ -66,3 +66,21 @@ def test_autocast_under_compile() -> None:
     got = run(hidden, emb)
     assert got.dtype == torch.bfloat16
     assert_agree(got.float(), eager.float(), "y", torch.bfloat16)
+
+
+def test_short_conv_autocast_computes_in_bfloat16_as_conv1d() -> None:
+    """float32 x is cast to bfloat16 as Conv1d's input; float32 parameters stay float32, and so do their grads."""
+    x = torch.randn(2, 9, 2, 16, requires_grad=True)
+    weight = (0.5 * torch.randn(2 * 16, 1, 4)).requires_grad_()
+    norm_weight = (1 + 0.3 * torch.randn(2, 16)).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.ops.retrieval_attention.short_conv(x, weight, norm_weight)
+        conv_out = nn.Conv1d(4, 4, 3)(torch.randn(1, 4, 8))
+    assert conv_out.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
+    expected = torch.ops.retrieval_attention.short_conv(x.detach().bfloat16(), weight.detach(), norm_weight.detach())
+    assert torch.equal(y, expected)
+    y.float().sum().backward()
+    assert x.grad.dtype == weight.grad.dtype == norm_weight.grad.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y64 = torch.ops.retrieval_attention.short_conv(x.double(), weight.double(), norm_weight.double())
+    assert y64.dtype == torch.float64

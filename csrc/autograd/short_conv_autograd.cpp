@@ -1,6 +1,5 @@
 // Autograd of the short convolution at the Autograd key: it saves x and the parameters only (the
 // backward recomputes the norm and the convolution), and the backward is the op short_conv_backward.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -11,23 +10,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-at::Tensor call_short_conv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& norm_weight,
-                           int64_t dilation, double eps, bool residual) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("retrieval_attention::short_conv", "")
-                             .typed<decltype(short_conv_cpu)>();
-  return op.call(x, weight, norm_weight, dilation, eps, residual);
-}
-
-ShortConvGradients call_short_conv_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
-                                            const at::Tensor& norm_weight, int64_t dilation, double eps,
-                                            bool residual) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("retrieval_attention::short_conv_backward", "")
-                             .typed<decltype(short_conv_backward_cpu)>();
-  return op.call(grad_y, x, weight, norm_weight, dilation, eps, residual);
-}
 
 class ShortConvFunction : public torch::autograd::Function<ShortConvFunction> {
  public:

@@ -24,9 +24,9 @@ struct ShortConvParams {
   int64_t context() const { return (K - 1) * dilation; }
 };
 
-// Accumulators one thread needs: two rings of context + 1 rows, their 1 / rms, and two rows.
+// Accumulators one thread needs: two rings of context + 1 rows, their 1 / rms, and one row.
 inline int64_t short_conv_scratch_per_thread(int64_t D, int64_t context) {
-  return 2 * (context + 1) * D + (context + 1) + 2 * D;
+  return 2 * (context + 1) * D + (context + 1) + D;
 }
 
 using ShortConvKernel = void (*)(const ShortConvParams&, c10::ScalarType);

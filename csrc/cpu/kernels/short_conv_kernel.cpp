@@ -13,10 +13,13 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/irange.h>
 
 #include "common/gate_math.h"
-#include "common/short_conv_math.h"
+#include "cpu/kernels/lanes.h"
 #include "cpu/short_conv_cpu_kernels.h"
+
+#include <algorithm>
 
 #ifndef CPU_CAPABILITY
 #error "short_conv_kernel.cpp is compiled once per capability with CPU_CAPABILITY defined"
@@ -25,74 +28,21 @@
 namespace retrieval_attention::cpu::CPU_CAPABILITY {
 namespace {
 
-using at::vec::Vectorized;
-
-// One thread's scratch: the normalized rows and the gz rows of the context, 1 / rms, and two rows.
+// One thread's scratch: the normalized rows and the gz rows of the context, 1 / rms, and a row.
 template <typename acc_t>
 struct Scratch {
   Scratch(const ShortConvParams& p, acc_t* base)
-      : rows(p.context() + 1), D(p.D), xn(base), gz(xn + rows * D), r(gz + rows * D), z(r + rows), gxn(z + D) {}
+      : rows(p.context() + 1), D(p.D), xn(base), gz(xn + rows * D), r(gz + rows * D), gxn(r + rows) {}
   acc_t* xn_row(int64_t t) const { return xn + (t % rows) * D; }
   acc_t* gz_row(int64_t t) const { return gz + (t % rows) * D; }
   acc_t& inv_rms(int64_t t) const { return r[t % rows]; }
   int64_t rows, D;
-  acc_t *xn, *gz, *r, *z, *gxn;
+  acc_t *xn, *gz, *r, *gxn;
 };
 
 template <typename acc_t>
 Scratch<acc_t> thread_scratch(const ShortConvParams& p) {
   return Scratch<acc_t>(p, static_cast<acc_t*>(p.scratch) + at::get_thread_num() * p.scratch_per_thread);
-}
-
-// z <- SiLU(z), or z <- SiLU'(z): vectorized exp, as ATen's own silu.
-template <typename acc_t, bool kGrad>
-void silu_in_place(acc_t* z, int64_t n) {
-  using Vec = Vectorized<acc_t>;
-  const Vec one(acc_t(1));
-  int64_t c = 0;
-  for (; c + Vec::size() <= n; c += Vec::size()) {
-    const Vec v = Vec::loadu(z + c);
-    const Vec s = one / (one + v.neg().exp());
-    (kGrad ? s * (one + v * (one - s)) : v * s).store(z + c);
-  }
-  for (; c < n; ++c) {
-    z[c] = kGrad ? silu_grad(z[c]) : silu(z[c]);
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-void normalize(const ShortConvParams& p, const scalar_t* x, const acc_t* norm, const Scratch<acc_t>& s, int64_t t) {
-  acc_t sum_sq = 0;
-  for (int64_t c = 0; c < p.D; ++c) {
-    const auto v = static_cast<acc_t>(x[c]);
-    sum_sq += v * v;
-  }
-  const acc_t r = inv_rms<acc_t>(sum_sq, p.D, static_cast<acc_t>(p.eps));
-  s.inv_rms(t) = r;
-  acc_t* __restrict__ xn = s.xn_row(t);
-  for (int64_t c = 0; c < p.D; ++c) {
-    xn[c] = static_cast<acc_t>(x[c]) * r * norm[c];
-  }
-}
-
-// z_t = sum over taps i of taps[i] * xn_{t - (K - 1 - i) * dilation} (zero before the start).
-template <typename acc_t>
-void convolve(const ShortConvParams& p, const acc_t* taps, const Scratch<acc_t>& s, int64_t t) {
-  acc_t* __restrict__ z = s.z;
-  for (int64_t c = 0; c < p.D; ++c) {
-    z[c] = 0;
-  }
-  for (int64_t i = 0; i < p.K; ++i) {
-    const int64_t src = t - (p.K - 1 - i) * p.dilation;
-    if (src < 0) {
-      continue;
-    }
-    const acc_t* __restrict__ xn = s.xn_row(src);
-    const acc_t* __restrict__ tap = taps + i * p.D;
-    for (int64_t c = 0; c < p.D; ++c) {
-      z[c] += tap[c] * xn[c];
-    }
-  }
 }
 
 // One (b, g) sequence: its branch's parameters and where its rows are.
@@ -124,88 +74,172 @@ void for_each_sequence(const ShortConvParams& p, const Fn& fn) {
   });
 }
 
+// The row math of one sequence on SIMD chunks of columns [d, d + n).
+template <typename scalar_t>
+struct ConvRows {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using Vec = typename L::AccVec;
+  using Chunk = typename L::Chunk;
+
+  const ShortConvParams& p;
+  const Scratch<acc_t>& s;
+  const Sequence<acc_t>& seq;
+
+  // 1 / rms of row t, its squares summed lane by lane, kept in the ring.
+  acc_t normalize_stat(const scalar_t* x, int64_t t) const {
+    Chunk sq = L::splat(0);
+    for_each_chunk<L::kWidth>(p.D, [&](int64_t d, int64_t n) {
+      const auto v = L::load(x + d, n);
+      for (const auto i : c10::irange(L::kVecs)) {
+        sq[i] = at::vec::fmadd(v[i], v[i], sq[i]);
+      }
+    });
+    const acc_t r = inv_rms<acc_t>(L::sum(sq), p.D, static_cast<acc_t>(p.eps));
+    s.inv_rms(t) = r;
+    return r;
+  }
+
+  // xn_t = x_t * r * norm into the ring, then z_t = sum over taps i of taps[i] * xn_{t - (K - 1 - i) * dilation}.
+  Chunk convolve(const Chunk& xv, acc_t r, int64_t t, int64_t d, int64_t n) const {
+    const auto nv = L::load_acc(seq.norm + d, n);
+    Chunk xn;
+    for (const auto i : c10::irange(L::kVecs)) {
+      xn[i] = xv[i] * Vec(r) * nv[i];
+    }
+    L::store_acc(s.xn_row(t) + d, xn, n);
+    Chunk z = L::splat(0);
+    for (int64_t k = 0; k < p.K; ++k) {
+      const int64_t src = t - (p.K - 1 - k) * p.dilation;
+      if (src < 0) {
+        continue;  // zero before the start
+      }
+      const auto tv = L::load_acc(seq.taps + k * p.D + d, n);
+      const auto sv = L::load_acc(s.xn_row(src) + d, n);
+      for (const auto i : c10::irange(L::kVecs)) {
+        z[i] = at::vec::fmadd(tv[i], sv[i], z[i]);
+      }
+    }
+    return z;
+  }
+};
+
+// SiLU(z), or SiLU'(z) = s * (1 + z * (1 - s)) with s = sigmoid(z): vectorized exp, as ATen's silu.
+template <bool kGrad, typename Vec>
+Vec silu_vec(const Vec& z) {
+  const Vec one(1);
+  const Vec s = one / (one + z.neg().exp_u20());
+  return kGrad ? s * (one + z * (one - s)) : z * s;
+}
+
 template <typename scalar_t>
 void forward(const ShortConvParams& p) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using R = ConvRows<scalar_t>;
+  using L = typename R::L;
+  using acc_t = typename R::acc_t;
   const auto* x = static_cast<const scalar_t*>(p.x);
   auto* y = static_cast<scalar_t*>(p.out);
   for_each_sequence<acc_t>(p, [&](const Scratch<acc_t>& s, const Sequence<acc_t>& seq, int64_t) {
+    const R rows{p, s, seq};
     for (int64_t t = 0; t < p.T; ++t) {
       const int64_t offset = seq.offset(t);
-      normalize(p, x + offset, seq.norm, s, t);
-      convolve(p, seq.taps, s, t);
-      silu_in_place<acc_t, false>(s.z, p.D);
-      for (int64_t c = 0; c < p.D; ++c) {
-        y[offset + c] = static_cast<scalar_t>(p.residual ? static_cast<acc_t>(x[offset + c]) + s.z[c] : s.z[c]);
-      }
+      const acc_t r = rows.normalize_stat(x + offset, t);
+      for_each_chunk<L::kWidth>(p.D, [&](int64_t d, int64_t n) {
+        const auto xv = L::load(x + offset + d, n);
+        auto z = rows.convolve(xv, r, t, d, n);
+        for (const auto i : c10::irange(L::kVecs)) {
+          z[i] = silu_vec<false>(z[i]);
+          if (p.residual) {
+            z[i] = z[i] + xv[i];
+          }
+        }
+        L::store(y + offset + d, z, n);
+      });
     }
   });
 }
 
 template <typename scalar_t>
 void backward(const ShortConvParams& p) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using R = ConvRows<scalar_t>;
+  using L = typename R::L;
+  using acc_t = typename R::acc_t;
+  using Vec = typename R::Vec;
+  using Chunk = typename R::Chunk;
   const auto* x = static_cast<const scalar_t*>(p.x);
   const auto* gy = static_cast<const scalar_t*>(p.grad_y);
   auto* gx = static_cast<scalar_t*>(p.out);
   const int64_t ctx = p.context();
   for_each_sequence<acc_t>(p, [&](const Scratch<acc_t>& s, const Sequence<acc_t>& seq, int64_t task) {
-    const acc_t* taps = seq.taps;
-    const acc_t* norm = seq.norm;
+    const R rows{p, s, seq};
     acc_t* gtaps = static_cast<acc_t*>(p.partials) + task * (p.K + 1) * p.D;  // [K, D], then the norm's [D]
     acc_t* gnorm = gtaps + p.K * p.D;
-    for (int64_t e = 0; e < (p.K + 1) * p.D; ++e) {
-      gtaps[e] = 0;
-    }
+    std::fill_n(gtaps, (p.K + 1) * p.D, acc_t(0));
     for (int64_t t = 0; t < p.T + ctx; ++t) {
-      acc_t* __restrict__ gz_t = s.gz_row(t);
       if (t < p.T) {
-        normalize(p, x + seq.offset(t), norm, s, t);
-        convolve(p, taps, s, t);
-        silu_in_place<acc_t, true>(s.z, p.D);
-        for (int64_t c = 0; c < p.D; ++c) {
-          gz_t[c] = static_cast<acc_t>(gy[seq.offset(t) + c]) * s.z[c];
-        }
+        const int64_t offset = seq.offset(t);
+        const acc_t r = rows.normalize_stat(x + offset, t);
+        for_each_chunk<L::kWidth>(p.D, [&](int64_t d, int64_t n) {
+          auto z = rows.convolve(L::load(x + offset + d, n), r, t, d, n);
+          const auto gv = L::load(gy + offset + d, n);
+          for (const auto i : c10::irange(L::kVecs)) {
+            z[i] = gv[i] * silu_vec<true>(z[i]);
+          }
+          L::store_acc(s.gz_row(t) + d, z, n);
+        });
       } else {
-        for (int64_t c = 0; c < p.D; ++c) {
-          gz_t[c] = 0;  // past the end: no output there
-        }
+        std::fill_n(s.gz_row(t), p.D, acc_t(0));  // past the end: no output there
       }
       const int64_t q = t - ctx;  // every gz_{q + j * dilation} it needs is now known
       if (q < 0) {
         continue;
       }
-      const acc_t* __restrict__ xn = s.xn_row(q);
-      acc_t* __restrict__ gxn = s.gxn;
-      for (int64_t c = 0; c < p.D; ++c) {
-        gxn[c] = 0;
-      }
-      for (int64_t i = 0; i < p.K; ++i) {
-        const acc_t* __restrict__ gz_s = s.gz_row(q + (p.K - 1 - i) * p.dilation);
-        const acc_t* __restrict__ tap = taps + i * p.D;
-        acc_t* __restrict__ gtap = gtaps + i * p.D;
-        for (int64_t c = 0; c < p.D; ++c) {
-          gxn[c] += tap[c] * gz_s[c];
-          gtap[c] += gz_s[c] * xn[c];
-        }
-      }
-      // Through RMSNorm: dx = r * gxn * nw - x * r^3 / D * sum(gxn * nw * x).
+      // Through the convolution: gxn_q and the taps' gradient; then the row dot RMSNorm needs.
       const int64_t offset = seq.offset(q);
       const acc_t r = s.inv_rms(q);
-      acc_t dot = 0;
-      for (int64_t c = 0; c < p.D; ++c) {
-        const auto xv = static_cast<acc_t>(x[offset + c]);
-        dot += gxn[c] * norm[c] * xv;
-        gnorm[c] += gxn[c] * xv * r;
-      }
-      const acc_t coef = dot * r * r * r / static_cast<acc_t>(p.D);
-      for (int64_t c = 0; c < p.D; ++c) {
-        acc_t dx = r * gxn[c] * norm[c] - static_cast<acc_t>(x[offset + c]) * coef;
-        if (p.residual) {
-          dx += static_cast<acc_t>(gy[offset + c]);
+      Chunk dot = L::splat(0);
+      for_each_chunk<L::kWidth>(p.D, [&](int64_t d, int64_t n) {
+        const auto xn = L::load_acc(s.xn_row(q) + d, n);
+        Chunk gxn = L::splat(0);
+        for (int64_t k = 0; k < p.K; ++k) {
+          const auto gz = L::load_acc(s.gz_row(q + (p.K - 1 - k) * p.dilation) + d, n);
+          const auto tv = L::load_acc(seq.taps + k * p.D + d, n);
+          auto gt = L::load_acc(gtaps + k * p.D + d, n);
+          for (const auto i : c10::irange(L::kVecs)) {
+            gxn[i] = at::vec::fmadd(tv[i], gz[i], gxn[i]);
+            gt[i] = at::vec::fmadd(gz[i], xn[i], gt[i]);
+          }
+          L::store_acc(gtaps + k * p.D + d, gt, n);
         }
-        gx[offset + c] = static_cast<scalar_t>(dx);
-      }
+        const auto xv = L::load(x + offset + d, n);
+        const auto nv = L::load_acc(seq.norm + d, n);
+        auto gn = L::load_acc(gnorm + d, n);
+        for (const auto i : c10::irange(L::kVecs)) {
+          dot[i] = at::vec::fmadd(gxn[i] * nv[i], xv[i], dot[i]);
+          gn[i] = at::vec::fmadd(gxn[i] * xv[i], Vec(r), gn[i]);
+        }
+        L::store_acc(gnorm + d, gn, n);
+        L::store_acc(s.gxn + d, gxn, n);
+      });
+      // Through RMSNorm: dx = r * gxn * nw - x * r^3 / D * sum(gxn * nw * x).
+      const Vec coef(L::sum(dot) * r * r * r / static_cast<acc_t>(p.D));
+      for_each_chunk<L::kWidth>(p.D, [&](int64_t d, int64_t n) {
+        const auto xv = L::load(x + offset + d, n);
+        const auto gxn = L::load_acc(s.gxn + d, n);
+        const auto nv = L::load_acc(seq.norm + d, n);
+        [[maybe_unused]] Chunk gv;
+        if (p.residual) {
+          gv = L::load(gy + offset + d, n);
+        }
+        Chunk dx;
+        for (const auto i : c10::irange(L::kVecs)) {
+          dx[i] = Vec(r) * gxn[i] * nv[i] - xv[i] * coef;
+          if (p.residual) {
+            dx[i] = dx[i] + gv[i];
+          }
+        }
+        L::store(gx + offset + d, dx, n);
+      });
     }
   });
 }

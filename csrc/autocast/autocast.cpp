@@ -1,11 +1,13 @@
-// Autocast of the gate: under torch.autocast the activations h, k, v are cast to the
-// autocast dtype, as nn.Linear's inputs are; float32 weights stay float32 (the kernels
-// accept them with half activations and keep their gradients in float32).
+// Autocast of the operators: under torch.autocast the activations (the gate's h, k, v, the short
+// convolution's x) are cast to the autocast dtype, as nn.Linear's and nn.Conv1d's inputs are;
+// float32 weights stay float32 (the kernels accept them with half activations and keep their
+// gradients in float32).
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include "gate_op.h"
+#include "short_conv.h"
 
 namespace retrieval_attention {
 namespace {
@@ -36,6 +38,18 @@ GateOutputs gate_autocast(const GateInputs& in, const GateOptions& options) {
   return call_gate(cast_in, options);
 }
 
+template <c10::DeviceType kDevice, c10::DispatchKey kAutocastKey>
+at::Tensor short_conv_autocast(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& norm_weight,
+                               int64_t dilation, double eps, bool residual) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(kAutocastKey);
+  if (!at::autocast::is_autocast_eligible(x, kDevice)) {
+    return call_short_conv(x, weight, norm_weight, dilation, eps, residual);
+  }
+  const auto dtype = at::autocast::get_autocast_dtype(kDevice);
+  return call_short_conv(at::autocast::cached_cast(dtype, x, kDevice), *cast_weight(weight, dtype, kDevice),
+                         *cast_weight(norm_weight, dtype, kDevice), dilation, eps, residual);
+}
+
 constexpr auto gate_autocast_cpu = &gate_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>;
 constexpr auto gate_autocast_cuda = &gate_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>;
 
@@ -43,10 +57,12 @@ constexpr auto gate_autocast_cuda = &gate_autocast<c10::DeviceType::CUDA, c10::D
 
 TORCH_LIBRARY_IMPL(retrieval_attention, AutocastCPU, m) {
   m.impl("gate", TORCH_FN(GateSchema::forward<gate_autocast_cpu>));
+  m.impl("short_conv", TORCH_FN((short_conv_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>)));
 }
 
 TORCH_LIBRARY_IMPL(retrieval_attention, AutocastCUDA, m) {
   m.impl("gate", TORCH_FN(GateSchema::forward<gate_autocast_cuda>));
+  m.impl("short_conv", TORCH_FN((short_conv_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>)));
 }
 
 }  // namespace retrieval_attention
