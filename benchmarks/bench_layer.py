@@ -1,18 +1,22 @@
-"""Benchmark the retrieval block as users run it, against the official Engram demo's math.
+"""Benchmark the Engram layer as users run it, against the official Engram demo's math.
 
-Three implementations of the block (projection, gate, short convolution; docs/block.md), side by side:
+Three implementations of the layer (n-gram hashing, table lookup, projection, gate, short
+convolution; docs/ngram.md and docs/block.md), side by side:
 
-* ``demo``      the demo's ``Engram`` forward rebuilt in plain PyTorch from its published math: a
+* ``demo``      the demo's ``Engram`` forward rebuilt in plain PyTorch from its published math: the
+                multiply-XOR hashing (``reference.ngram_hash``), one table with per-head offsets, a
                 value projection and one key projection per branch, per-branch RMSNorms, the signed
                 square root gate, then ``o + ShortConv(o)`` in eager ops;
 * ``compiled``  ``torch.compile`` of that;
-* ``ours``      ``RetrievalAttention``: one fused projection, the fused gate and the fused short convolution.
+* ``ours``      ``NgramHashEmbedding`` then ``RetrievalAttention``: the hashing operator, one fused
+                projection, the fused gate and the fused short convolution.
 
-All three share one set of parameters. The hashing and the table lookup are not timed here.
-For each case it reports the median time of the forward and of forward+backward (gradients of
-the inputs and of every parameter), the speedups, the share of ours spent in the projection's
-matrix products (profiler), and the activations each keeps for its backward (saved tensors
-other than parameters and inputs). Results go to stdout and ``<out>/layer_<device>.md``.
+All three share one set of parameters, the table included (dense gradients, as the demo's
+``nn.Embedding``). For each case it reports the median time of the forward, of the backward alone
+(gradients of the hidden state and of every parameter, the graph kept) and of forward+backward,
+the speedups, the share of ours spent in the projection's matrix products (profiler), and the
+activations each keeps for its backward (saved tensors other than parameters and inputs). Results
+go to stdout and ``<out>/layer_<device>.md``.
 
     PYTHONPATH=torch_ext python benchmarks/bench_layer.py
     PYTHONPATH=torch_ext python benchmarks/bench_layer.py --cases 1x512x4x1024x1024:float32 --min-time 0.5
@@ -31,9 +35,13 @@ import torch.nn.functional as F
 from bench_gate import keep_freed_memory, median_time
 
 import retrieval_attention as ra
+from retrieval_attention import reference
 
 GEMM_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear")
 IMPLS = ("demo", "compiled", "ours")
+PHASES = ("fwd", "bwd", "fwd+bwd")
+NUM_HEADS = 8  # hash heads per n-gram order, as the demo
+TOKEN_VOCAB = 129280  # the demo's tokenizer
 
 
 def demo_block(
@@ -87,7 +95,16 @@ def saved_mib(step: Callable[[], torch.Tensor], exclude: Sequence[torch.Tensor])
     return sum(seen.values()) / 2**20
 
 
-def gemm_share(step: Callable[[], object]) -> float:
+def demo_layer(
+    ids: torch.Tensor, hidden: torch.Tensor, params: dict[str, torch.Tensor], ngram: ra.NgramHashEmbedding, eps: float
+) -> torch.Tensor:
+    """The demo's Engram layer: hash, look up (offsets per head), then the block."""
+    hashes = reference.ngram_hash(ids, ngram.multipliers, ngram.primes, pad_id=ngram.hash_pad_id)
+    retrieved = F.embedding(hashes + ngram.offsets, params["table"]).flatten(-2)
+    return demo_block(hidden, retrieved, params, eps)
+
+
+def profile_share(step: Callable[[], object]) -> float:
     """Fraction of one step's operator self time spent in matrix products (profiler)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step()
@@ -97,7 +114,7 @@ def gemm_share(step: Callable[[], object]) -> float:
     return gemm / total if total else 0.0
 
 
-def bench_case(spec: str, min_time: float) -> list[str]:
+def bench_case(spec: str, min_time: float, table_rows: int) -> list[str]:
     shape, _, dtype_name = spec.partition(":")
     B, T, G, D, De = (int(x) for x in shape.split("x"))
     dtype = getattr(torch, dtype_name or "float32")
@@ -107,53 +124,62 @@ def bench_case(spec: str, min_time: float) -> list[str]:
         block.short_conv.weight.normal_(0, 0.2)
         for p in (block.gate.w_q, block.gate.w_k, block.short_conv.norm_weight):
             p.normal_(1, 0.1)
+    heads = min(NUM_HEADS, De // 2)
+    ngram = ra.NgramHashEmbedding.from_seed(
+        [table_rows, table_rows], heads, De // 2, token_vocab_size=TOKEN_VOCAB, dtype=dtype
+    )
+    ids = torch.randint(0, TOKEN_VOCAB, (B, T))
     hidden = torch.randn(B, T, G, D, dtype=dtype, requires_grad=True)
-    retrieved = torch.randn(B, T, De, dtype=dtype, requires_grad=True)
     params = demo_params(block)
+    params["table"] = ngram.embedding.weight.detach().clone().requires_grad_()
     eps = torch.finfo(dtype).eps
-    compiled = torch.compile(demo_block, dynamic=False)
+    compiled = torch.compile(demo_layer, dynamic=False)
+    ours_params = [*ngram.parameters(), *block.parameters()]
     leaves = {
-        "demo": [hidden, retrieved, *params.values()],
-        "compiled": [hidden, retrieved, *params.values()],
-        "ours": [hidden, retrieved, *block.parameters()],
+        "demo": [hidden, *params.values()],
+        "compiled": [hidden, *params.values()],
+        "ours": [hidden, *ours_params],
     }
     forward = {
-        "demo": lambda: demo_block(hidden, retrieved, params, eps),
-        "compiled": lambda: compiled(hidden, retrieved, params, eps),
-        "ours": lambda: block(hidden, retrieved),
+        "demo": lambda: demo_layer(ids, hidden, params, ngram, eps),
+        "compiled": lambda: compiled(ids, hidden, params, ngram, eps),
+        "ours": lambda: block(hidden, ngram(ids)),
     }
     y = forward["ours"]().detach()
-    # The same block: the demo's eager ops round at every op, so bfloat16 agrees only to its own precision.
+    # The same layer: the demo's eager ops round at every op, so bfloat16 agrees only to its own precision.
     tol = 1e-3 if dtype == torch.float32 else 1e-1
     torch.testing.assert_close(forward["demo"]().detach(), y, rtol=tol, atol=tol)
     grad_y = torch.randn_like(y)
+    threads = torch.get_num_threads()
     times: dict[str, dict[str, float]] = {}
     saved: dict[str, float] = {}
+    share: dict[str, float] = {}
     for name in IMPLS:
         fwd = forward[name]
+        out = fwd()
+
+        def bwd(out=out, name=name) -> object:
+            return torch.autograd.grad(out, leaves[name], grad_y, retain_graph=True)
 
         def fwd_bwd(fwd=fwd, name=name) -> object:
             return torch.autograd.grad(fwd(), leaves[name], grad_y)
 
-        times[name] = {
-            "fwd": median_time(fwd, torch.get_num_threads(), min_time),
-            "fwd+bwd": median_time(fwd_bwd, torch.get_num_threads(), min_time),
-        }
+        steps = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+        times[name] = {phase: median_time(step, threads, min_time) for phase, step in steps.items()}
+        if name == "ours":
+            share = {phase: profile_share(step) for phase, step in steps.items()}
+        del out
         saved[name] = saved_mib(fwd, leaves[name])
-        ms = {phase: f"{seconds * 1e3:.2f} ms" for phase, seconds in times[name].items()}
-        print(
-            f"  [{spec}] {name}: fwd {ms['fwd']}, fwd+bwd {ms['fwd+bwd']}, saved {saved[name]:.1f} MiB", file=sys.stderr
-        )
-    share = gemm_share(lambda: torch.autograd.grad(forward["ours"](), leaves["ours"], grad_y))
+        ms = ", ".join(f"{phase} {seconds * 1e3:.2f} ms" for phase, seconds in times[name].items())
+        print(f"  [{spec}] {name}: {ms}, saved {saved[name]:.1f} MiB", file=sys.stderr)
     rows = []
-    for phase in ("fwd", "fwd+bwd"):
+    for phase in PHASES:
         t = {n: times[n][phase] for n in IMPLS}
         rows.append(
             f"| {spec} | {phase} | "
             + " | ".join(f"{t[n] * 1e3:.2f} ms" for n in IMPLS)
-            + f" | {t['demo'] / t['ours']:.2f}x | {t['compiled'] / t['ours']:.2f}x | "
-            + (f"{100 * share:.0f}% | " if phase == "fwd+bwd" else "| ")
-            + " / ".join(f"{saved[n]:.1f}" for n in IMPLS)
+            + f" | {t['demo'] / t['ours']:.2f}x | {t['compiled'] / t['ours']:.2f}x | {100 * share[phase]:.0f}% | "
+            + (" / ".join(f"{saved[n]:.1f}" for n in IMPLS) if phase == "fwd" else "")
             + " |"
         )
     return rows
@@ -167,19 +193,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="comma list of BxTxGxDxDe:dtype (default: the demo's shapes scaled to a 2-core CPU)",
     )
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds per blocked_autorange")
+    parser.add_argument(
+        "--table-rows",
+        type=int,
+        default=12928,
+        help="table size per head of each n-gram order (the demo: 646,400; default a fiftieth, for a 2-core CPU)",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     keep_freed_memory()
     header = [
         f"# layer benchmark (cpu)\n\nCPU, {torch.get_num_threads()} threads; torch {torch.__version__}; "
-        f"cpu capability {ra.build_info().get('cpu_capability')}; freed memory kept by malloc.\n",
+        f"cpu capability {ra.build_info().get('cpu_capability')}; freed memory kept by malloc; "
+        f"2-gram and 3-gram tables, {NUM_HEADS} heads of {args.table_rows} rows (the next primes) each.\n",
         "| case BxTxGxDxDe | phase | demo | compiled demo | ours | demo/ours | compiled/ours | GEMM share of ours "
         "| saved MiB demo / compiled / ours |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     rows = []
     for spec in args.cases.split(","):
-        rows += bench_case(spec.strip(), args.min_time)
+        rows += bench_case(spec.strip(), args.min_time, args.table_rows)
     text = "\n".join(header + rows) + "\n"
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,6 @@ def test_layer_benchmark_writes_its_table(tmp_path: Path, monkeypatch) -> None:
     bench_layer.main(["--cases", "1x9x2x16x12:float32", "--min-time", "0.01", "--out", str(tmp_path)])
     table = (tmp_path / "layer_cpu.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| 1x9x2x16x12:float32")]
-    assert [row.split(" | ")[1] for row in rows] == ["fwd", "fwd+bwd"]
+    assert [row.split(" | ")[1] for row in rows] == ["fwd", "bwd", "fwd+bwd"]
     assert "n/a" not in table
     sys.modules.pop("bench_layer", None)
