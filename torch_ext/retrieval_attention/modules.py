@@ -146,6 +146,26 @@ class ShortConv(nn.Module):
         )
 
 
+class _SplitKV(torch.autograd.Function):
+    """``kv`` ``[..., (G + 1) * D]`` -> views ``v`` ``[..., D]`` and ``k`` ``[..., G, D]``.
+
+    Their gradients come back as one ``cat``: autograd's own slice backward would fill a zero
+    ``kv``-sized tensor per view, copy into it, and add the two.
+    """
+
+    @staticmethod
+    def forward(kv: torch.Tensor, G: int, D: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return kv[..., :D], kv[..., D:].unflatten(-1, (G, D))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad_v: torch.Tensor, grad_k: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return torch.cat([grad_v, grad_k.flatten(-2)], dim=-1), None, None
+
+
 class RetrievalAttention(nn.Module):
     """The retrieval block of docs/block.md (Engram's gate), built on the fused gate operator.
 
@@ -224,9 +244,7 @@ class RetrievalAttention(nn.Module):
                 f"RetrievalAttention: retrieved must be [B, T, {self.embed_size}] with B, T of hidden "
                 f"{list(h.shape[:2])}, got {list(retrieved.shape)}"
             )
-        kv = self.kv_proj(retrieved)
-        v = kv[..., :D]
-        k = kv[..., D:].unflatten(-1, (G, D))
+        v, k = _SplitKV.apply(self.kv_proj(retrieved), G, D)
         y, a = self.gate(h, k, v, mask)
         if self.short_conv is not None:
             y = self.short_conv(y, residual=True)
