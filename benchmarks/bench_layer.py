@@ -39,6 +39,7 @@ from retrieval_attention import reference
 
 GEMM_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear")
 IMPLS = ("demo", "compiled", "ours")
+IMPL_LABELS = {"demo": "demo (eager)", "compiled": "torch.compile(demo)", "ours": "ours"}
 PHASES = ("fwd", "bwd", "fwd+bwd")
 NUM_HEADS = 8  # hash heads per n-gram order, as the demo
 TOKEN_VOCAB = 129280  # the demo's tokenizer
@@ -104,32 +105,43 @@ def demo_layer(
     return demo_block(hidden, retrieved, params, eps)
 
 
-def profile_share(step: Callable[[], object]) -> float:
-    """Fraction of one step's operator self time spent in matrix products (profiler)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+def profile_share(step: Callable[[], object], device: str) -> float:
+    """Fraction of one step's operator time spent in matrix products (profiler; kernel time on CUDA)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
         step()
+        if device == "cuda":
+            torch.cuda.synchronize()
     events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    gemm = sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS)
+    if device == "cuda":
+        total = sum(e.self_device_time_total for e in events)
+        gemm = sum(e.device_time_total for e in events if e.key in GEMM_OPS)
+    else:
+        total = sum(e.self_cpu_time_total for e in events)
+        gemm = sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS)
     return gemm / total if total else 0.0
 
 
-def bench_case(spec: str, min_time: float, table_rows: int) -> list[str]:
+def bench_case(spec: str, device: str, min_time: float, table_rows: int) -> list[dict[str, object]]:
+    """One record per phase: the case, each implementation's seconds, ours' GEMM share, and the saved MiB."""
     shape, _, dtype_name = spec.partition(":")
     B, T, G, D, De = (int(x) for x in shape.split("x"))
     dtype = getattr(torch, dtype_name or "float32")
     torch.manual_seed(0)
-    block = ra.RetrievalAttention(D, De, G, dtype=dtype)
+    factory = {"device": device, "dtype": dtype}
+    block = ra.RetrievalAttention(D, De, G, **factory)
     with torch.no_grad():  # taps and norms away from their initial zeros and ones
         block.short_conv.weight.normal_(0, 0.2)
         for p in (block.gate.w_q, block.gate.w_k, block.short_conv.norm_weight):
             p.normal_(1, 0.1)
     heads = min(NUM_HEADS, De // 2)
     ngram = ra.NgramHashEmbedding.from_seed(
-        [table_rows, table_rows], heads, De // 2, token_vocab_size=TOKEN_VOCAB, dtype=dtype
+        [table_rows, table_rows], heads, De // 2, token_vocab_size=TOKEN_VOCAB, **factory
     )
-    ids = torch.randint(0, TOKEN_VOCAB, (B, T))
-    hidden = torch.randn(B, T, G, D, dtype=dtype, requires_grad=True)
+    ids = torch.randint(0, TOKEN_VOCAB, (B, T), device=device)
+    hidden = torch.randn(B, T, G, D, requires_grad=True, **factory)
     params = demo_params(block)
     params["table"] = ngram.embedding.weight.detach().clone().requires_grad_()
     eps = torch.finfo(dtype).eps
@@ -167,22 +179,61 @@ def bench_case(spec: str, min_time: float, table_rows: int) -> list[str]:
         steps = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
         times[name] = {phase: median_time(step, threads, min_time) for phase, step in steps.items()}
         if name == "ours":
-            share = {phase: profile_share(step) for phase, step in steps.items()}
+            share = {phase: profile_share(step, device) for phase, step in steps.items()}
         del out
         saved[name] = saved_mib(fwd, leaves[name])
         ms = ", ".join(f"{phase} {seconds * 1e3:.2f} ms" for phase, seconds in times[name].items())
         print(f"  [{spec}] {name}: {ms}, saved {saved[name]:.1f} MiB", file=sys.stderr)
-    rows = []
-    for phase in PHASES:
-        t = {n: times[n][phase] for n in IMPLS}
-        rows.append(
-            f"| {spec} | {phase} | "
-            + " | ".join(f"{t[n] * 1e3:.2f} ms" for n in IMPLS)
-            + f" | {t['demo'] / t['ours']:.2f}x | {t['compiled'] / t['ours']:.2f}x | {100 * share[phase]:.0f}% | "
-            + (" / ".join(f"{saved[n]:.1f}" for n in IMPLS) if phase == "fwd" else "")
-            + " |"
-        )
-    return rows
+    return [
+        {
+            "case": spec,
+            "phase": phase,
+            **{n: times[n][phase] for n in IMPLS},
+            "gemm_share": share[phase],
+            "saved": saved,
+        }
+        for phase in PHASES
+    ]
+
+
+def table_row(r: dict[str, object]) -> str:
+    return (
+        f"| {r['case']} | {r['phase']} | "
+        + " | ".join(f"{r[n] * 1e3:.2f} ms" for n in IMPLS)
+        + f" | {r['demo'] / r['ours']:.2f}x | {r['compiled'] / r['ours']:.2f}x | {100 * r['gemm_share']:.0f}% | "
+        + (" / ".join(f"{r['saved'][n]:.1f}" for n in IMPLS) if r["phase"] == "fwd" else "")
+        + " |"
+    )
+
+
+def plot_times(records: list[dict[str, object]], path: Path, title: str) -> None:
+    """One panel per case: each phase's time per implementation; ours' matrix-product share hatched."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r["case"] for r in records))
+    width = 0.8 / len(IMPLS)
+    fig, axes = plt.subplots(1, len(cases), figsize=(0.5 + 4.2 * len(cases), 4.0), squeeze=False)
+    for ax, case in zip(axes[0], cases, strict=True):
+        rows = [r for r in records if r["case"] == case]
+        for i, name in enumerate(IMPLS):
+            xs = [j + (i - (len(IMPLS) - 1) / 2) * width for j in range(len(rows))]
+            ms = [r[name] * 1e3 for r in rows]
+            bars = ax.bar(xs, ms, width, label=IMPL_LABELS[name])
+            ax.bar_label(bars, labels=[f"{m:.1f}" for m in ms], fontsize=7)
+            if name == "ours":
+                gemm = [m * r["gemm_share"] for m, r in zip(ms, rows, strict=True)]
+                ax.bar(xs, gemm, width, fill=False, hatch="//", edgecolor="black", linewidth=0, label="ours: GEMM")
+        ax.set_xticks(range(len(rows)), [r["phase"] for r in rows], fontsize=8)
+        ax.set_title(case, fontsize=9)
+        ax.set_ylabel("ms per step")
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=len(IMPLS) + 1, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -192,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         default="1x512x4x1024x1024:float32,1x512x4x1024x1024:bfloat16",
         help="comma list of BxTxGxDxDe:dtype (default: the demo's shapes scaled to a 2-core CPU)",
     )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds per blocked_autorange")
     parser.add_argument(
         "--table-rows",
@@ -199,24 +251,32 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=12928,
         help="table size per head of each n-gram order (the demo: 646,400; default a fiftieth, for a 2-core CPU)",
     )
+    parser.add_argument("--no-chart", action="store_true", help="the table only (no matplotlib)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
-    keep_freed_memory()
+    if args.device == "cpu":
+        keep_freed_memory()
+        where = f"CPU, {torch.get_num_threads()} threads; cpu capability {ra.build_info().get('cpu_capability')}; "
+        where += "freed memory kept by malloc"
+    else:
+        where = torch.cuda.get_device_name()
     header = [
-        f"# layer benchmark (cpu)\n\nCPU, {torch.get_num_threads()} threads; torch {torch.__version__}; "
-        f"cpu capability {ra.build_info().get('cpu_capability')}; freed memory kept by malloc; "
+        f"# layer benchmark ({args.device})\n\n{where}; torch {torch.__version__}; "
         f"2-gram and 3-gram tables, {NUM_HEADS} heads of {args.table_rows} rows (the next primes) each.\n",
         "| case BxTxGxDxDe | phase | demo | compiled demo | ours | demo/ours | compiled/ours | GEMM share of ours "
         "| saved MiB demo / compiled / ours |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    rows = []
-    for spec in args.cases.split(","):
-        rows += bench_case(spec.strip(), args.min_time, args.table_rows)
-    text = "\n".join(header + rows) + "\n"
-    print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "layer_cpu.md").write_text(text)
+    stem = args.out / f"layer_{args.device}"
+    records: list[dict[str, object]] = []
+    for spec in args.cases.split(","):
+        records += bench_case(spec.strip(), args.device, args.min_time, args.table_rows)
+        text = "\n".join(header + [table_row(r) for r in records]) + "\n"
+        stem.with_suffix(".md").write_text(text)  # after every case: a run cut short keeps its rows
+    print(text)
+    if not args.no_chart:
+        plot_times(records, stem.with_suffix(".png"), f"Engram layer per step ({where})")
 
 
 if __name__ == "__main__":
