@@ -13,9 +13,20 @@ def test_layer_benchmark_writes_its_table(tmp_path: Path, monkeypatch) -> None:
     import bench_layer
 
     monkeypatch.setattr(bench_layer, "keep_freed_memory", lambda: False)  # leave this process's malloc alone
-    bench_layer.main(["--cases", "1x9x2x16x12:float32", "--min-time", "0.01", "--out", str(tmp_path)])
+    bench_layer.main(["--cases", "1x9x2x16x12:float32", "--min-time", "0.01", "--no-chart", "--out", str(tmp_path)])
     table = (tmp_path / "layer_cpu.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| 1x9x2x16x12:float32")]
     assert [row.split(" | ")[1] for row in rows] == ["fwd", "bwd", "fwd+bwd"]
     assert "n/a" not in table
     sys.modules.pop("bench_layer", None)
+
+
+def test_projection_benchmark_writes_its_table(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_projection
+
+    monkeypatch.setattr(bench_projection, "keep_freed_memory", lambda: False)
+    bench_projection.main(["--cases", "9x2x16x12:float32", "--min-time", "0.01", "--out", str(tmp_path)])
+    rows = [line for line in (tmp_path / "projection_cpu.md").read_text().splitlines() if line.startswith("| 9x2")]
+    assert [row.split(" | ")[1] for row in rows] == ["fwd", "fwd+bwd"]
+    sys.modules.pop("bench_projection", None)
