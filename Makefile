@@ -130,6 +130,7 @@ demo-gate: build
 bench: build
 	$(RUN) benchmarks/bench_gate.py
 	$(RUN) benchmarks/bench_layer.py
+	$(RUN) benchmarks/bench_projection.py
 
 lint: $(ENV_STAMP)
 	@command -v clang-format >/dev/null || \
