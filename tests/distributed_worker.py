@@ -8,38 +8,27 @@ global batch for ``STEPS`` SGD steps and saves what it saw to ``OUT_DIR/MODE_ran
 the loss and the full gradient of every parameter at each step, and the full parameters after
 the last step.
 
-The rank prints time-stamped phases, and every thread's stack on ``SIGUSR1`` (the launcher sends it
-to a rank that hangs). After its record is saved it waits for the other ranks in a monitored
-barrier before it closes its connections; on an error it leaves at once.
+A rank's life (the group, the record, the orderly exit) is dist_launch.worker_main's.
 """
 
 from __future__ import annotations
 
-import faulthandler
-import gc
-import os
-import signal
 import sys
-import time
-import traceback
 import warnings
 from collections.abc import Callable
-from datetime import timedelta
 
 import torch
 from torch import nn
 
 from retrieval_attention import RetrievalAttention
 
+from dist_launch import worker_main
+
 # G = 3 makes the [G, D] weights shard unevenly over two FSDP ranks.
 G, D, DE, B, T = 3, 16, 12, 4, 11
 STEPS = 3
 LR = 0.1
 SEED = 1234
-# Every collective waits this long: room for a peer that compiles on a loaded 2-core machine, yet bounded.
-COLLECTIVE_TIMEOUT = timedelta(seconds=300)
-# On this signal a rank prints every thread's stack to its log.
-STACK_DUMP_SIGNAL = signal.SIGUSR1
 
 
 def make_model(dtype: torch.dtype = torch.float64) -> RetrievalAttention:
@@ -94,13 +83,6 @@ def train(
     return record
 
 
-def say(message: str) -> None:
-    """One time-stamped line in this rank's log: the phase it reached, comparable across the ranks' logs."""
-    now = time.time()
-    stamp = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1000):03d}"
-    print(f"[rank {os.environ.get('RANK', '?')} {stamp}] {message}", flush=True)
-
-
 def _fsdp2_unsupported(world_size: int) -> str | None:
     """Why FSDP2 cannot train even a plain nn.Linear in this process group, or None when it can."""
     import torch.distributed as dist
@@ -125,7 +107,7 @@ def _fsdp2_unsupported(world_size: int) -> str | None:
     return reason
 
 
-def run(mode: str, rank: int, world_size: int) -> dict:
+def run(mode: str, rank: int, world_size: int, out_dir: str) -> dict:
     model = make_model()
     batch = shard(global_batch(), rank, world_size)
     if mode in ("ddp", "ddp_compile"):
@@ -162,43 +144,5 @@ def run(mode: str, rank: int, world_size: int) -> dict:
     raise ValueError(f"unknown mode {mode!r}")
 
 
-def main(argv: list[str]) -> int:
-    import torch.distributed as dist
-
-    mode, store, out_dir = argv
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    faulthandler.register(STACK_DUMP_SIGNAL, all_threads=True)
-    torch.set_num_threads(1)
-    say(f"joining a gloo group of {world_size} through {store}")
-    dist.init_process_group(
-        "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT
-    )
-    try:
-        say(f"joined; running {mode}")
-        record = run(mode, rank, world_size)
-        path = os.path.join(out_dir, f"{mode}_rank{rank}.pt")
-        torch.save(record, path)
-        say(f"saved {path}; waiting for the other ranks")
-        # No rank closes its connections while another still needs them; a rank that never arrives is named.
-        dist.monitored_barrier(timeout=COLLECTIVE_TIMEOUT, wait_all_ranks=True)
-    except Exception:
-        traceback.print_exc()
-        # Closing the group here could wait on this rank's own pending work; the process's exit closes its
-        # sockets, and a peer waiting in a collective gets "connection closed" rather than a timeout.
-        say("failed: leaving without closing the process group")
-        return 1
-    # DDP's reducer and FSDP's device mesh hold the process group, often in reference cycles: free them
-    # while the interpreter is whole, so gloo's threads are not torn down during interpreter finalization.
-    gc.collect()
-    dist.destroy_process_group()
-    say("closed the process group")
-    return 0
-
-
 if __name__ == "__main__":
-    code = main(sys.argv[1:])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Skip interpreter finalization: the record is saved and the group closed, and the order in which it
-    # tears down torch's threads is no concern of these tests.
-    os._exit(code)
+    worker_main(sys.argv[1:], run)

@@ -11,8 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from . import sharding as _sharding
 from .functional import ngram_hash
 
 # Miller–Rabin with these bases is exact for every n < 3.3e24, so for every int64.
@@ -128,6 +130,10 @@ class NgramHashEmbedding(nn.Module):
         lookup: ``[V]`` int64 token compression, applied to the ids before hashing; None for none.
         sparse: sparse gradients for the table (``nn.Embedding(sparse=True)``).
         device, dtype: of the table; the int64 buffers go to ``device`` too.
+        process_group: shard the table's rows over this group (docs/ngram.md#sharding): this
+            rank's ``embedding.weight`` holds its block of rows only, ``state_dict()`` presents it
+            as a DTensor sharded by rows, and a lookup exchanges rows with the other ranks. Every
+            rank must construct the module alike and call it as often. None: the whole table here.
 
     Buffers: ``multipliers`` ``[max_n]``, ``primes`` ``[max_n - 1, H]``, ``offsets``
     ``[(max_n - 1) * H]`` (each head's first row in the table), ``lookup`` ``[V]`` or None.
@@ -146,6 +152,7 @@ class NgramHashEmbedding(nn.Module):
         sparse: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        process_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         if multipliers.dim() != 1 or multipliers.shape[0] < 2:
@@ -180,8 +187,39 @@ class NgramHashEmbedding(nn.Module):
         self._refresh_pad_id()
         # A loaded state_dict may carry another lookup: the compressed pad id follows it.
         self.register_load_state_dict_post_hook(_refresh_pad_id_hook)
-        self.embedding = nn.Embedding(
-            int(sizes.sum()), embed_dim_per_ngram // self.num_heads, sparse=sparse, device=device, dtype=dtype
+        rows, dim = int(sizes.sum()), embed_dim_per_ngram // self.num_heads
+        self.sharding = None if process_group is None else _sharding.row_sharding(rows, process_group)
+        local_rows = rows if self.sharding is None else self.sharding.local_rows
+        self.embedding = nn.Embedding(local_rows, dim, sparse=sparse, device=device, dtype=dtype)
+        if self.sharding is not None:
+            self._shard(rows, dim, sparse)
+
+    def _shard(self, rows: int, dim: int, sparse: bool) -> None:
+        """Check that the ranks agree, and present the weight as a DTensor in state dicts."""
+        facts = {
+            "table shape": (rows, dim),
+            "multipliers": self.multipliers.tolist(),
+            "primes": self.primes.tolist(),
+            "pad_id": self.pad_id,
+            "lookup": None if self.lookup is None else hash(tuple(self.lookup.tolist())),
+            "dtype": str(self.embedding.weight.dtype),
+            "sparse": sparse,
+        }
+        _sharding.agree(self.sharding, facts, "NgramHashEmbedding")
+        from torch.distributed.device_mesh import DeviceMesh
+
+        self._mesh = DeviceMesh.from_group(self.sharding.group, self.embedding.weight.device.type)
+        self._full_shape = torch.Size((rows, dim))
+        self.register_state_dict_post_hook(_sharded_state_dict_hook)
+        self.register_load_state_dict_pre_hook(_sharded_load_hook)
+
+    def sharded_weight(self) -> torch.Tensor:
+        """``embedding.weight`` as a DTensor ``[rows, dim]`` sharded by rows over the group's mesh (shares storage)."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        local = self.embedding.weight.detach()
+        return DTensor.from_local(
+            local, self._mesh, [Shard(0)], run_check=False, shape=self._full_shape, stride=(self._full_shape[1], 1)
         )
 
     @classmethod
@@ -200,6 +238,7 @@ class NgramHashEmbedding(nn.Module):
         sparse: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        process_group: dist.ProcessGroup | None = None,
     ) -> NgramHashEmbedding:
         """The module of layer ``layer_id`` with the demo's tables (see :func:`ngram_hash_tables`).
 
@@ -222,6 +261,7 @@ class NgramHashEmbedding(nn.Module):
             sparse=sparse,
             device=device,
             dtype=dtype,
+            process_group=process_group,
         )
 
     def _refresh_pad_id(self) -> None:
@@ -239,7 +279,66 @@ class NgramHashEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Embeddings ``[B, T, embed_size]`` of token ids ``[B, T]`` int64."""
+        if self.sharding is not None:
+            return self._sharded_forward(ids)
         return self.embedding(self.hash(ids) + self.offsets).flatten(-2)
 
+    @torch.compiler.disable  # data-dependent splits and collectives: the model around it still compiles
+    def _sharded_forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # A bad input must reach the other ranks before they wait for this one's rows.
+        error = _ids_error(ids, None if self.lookup is None else self.lookup.shape[0])
+        rows = torch.empty(0, dtype=torch.int64, device=self.offsets.device)
+        if error is None:
+            rows = self.hash(ids) + self.offsets
+        plan = _sharding.plan_lookup(rows.flatten(), self.sharding, error)
+        weight = self.embedding.weight
+        found = _sharding.ShardedLookup.apply(weight, plan, self.sharding, self.embedding.sparse)
+        return found.view(*rows.shape, weight.shape[1]).flatten(-2)
+
     def extra_repr(self) -> str:
-        return f"max_n={self.max_n}, num_heads={self.num_heads}, embed_size={self.embed_size}, pad_id={self.pad_id}"
+        text = f"max_n={self.max_n}, num_heads={self.num_heads}, embed_size={self.embed_size}, pad_id={self.pad_id}"
+        if self.sharding is not None:
+            start = self.sharding.start
+            text += f", rows [{start}, {start + self.sharding.local_rows}) of {self.sharding.rows} on this rank"
+        return text
+
+
+def _ids_error(ids: torch.Tensor, vocab: int | None) -> str | None:
+    """Why ``ids`` cannot be hashed, or None: the sharded lookup's check, made before any exchange."""
+    if ids.dim() != 2 or ids.dtype != torch.int64:
+        return f"NgramHashEmbedding: expected `ids` [B, T] int64, but got {list(ids.shape)} {ids.dtype}"
+    if ids.numel() == 0:
+        return None
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or (vocab is not None and high >= vocab):
+        bound = "" if vocab is None else f" and < {vocab} (the lookup's size)"
+        return f"NgramHashEmbedding: expected `ids` >= 0{bound}, but got ids in [{low}, {high}]"
+    return None
+
+
+def _sharded_state_dict_hook(module: NgramHashEmbedding, state_dict: dict, prefix: str, local_metadata) -> None:
+    state_dict[prefix + "embedding.weight"] = module.sharded_weight()
+
+
+def _sharded_load_hook(
+    module: NgramHashEmbedding, state_dict: dict, prefix: str, local_metadata, strict, missing, unexpected, errors
+) -> None:
+    """A sharded module takes a DTensor (its mesh's rows) or the whole table, and keeps its rows."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    key = prefix + "embedding.weight"
+    if key not in state_dict:
+        return
+    value = state_dict[key]
+    if tuple(value.shape) != tuple(module._full_shape):
+        raise ValueError(
+            f"NgramHashEmbedding.load_state_dict: expected {key} of the whole table's shape "
+            f"{list(module._full_shape)}, but got {list(value.shape)}"
+        )
+    if isinstance(value, DTensor):
+        if value.device_mesh == module._mesh:
+            state_dict[key] = value.redistribute(module._mesh, [Shard(0)]).to_local()
+            return
+        value = value.full_tensor()
+    start = module.sharding.start
+    state_dict[key] = value.narrow(0, start, module.sharding.local_rows)
