@@ -102,7 +102,8 @@ def launch(worker: str, mode: str, world_size: int, tmp_path: Path) -> list[dict
     LOG_ROOT.mkdir(parents=True, exist_ok=True)
     log_dir = Path(tempfile.mkdtemp(prefix=f"{mode}-{time.strftime('%Y%m%d-%H%M%S')}-", dir=LOG_ROOT))
     logs = [log_dir / f"rank{r}.log" for r in range(world_size)]
-    store = tmp_path / "store"  # file:// rendezvous: no port to pick, nothing to collide with
+    # file:// rendezvous: no port to pick; a fresh file per launch, as an old one may still hold a finished group.
+    store = tmp_path / f"store-{mode}-{world_size}-{time.monotonic_ns()}"
     procs = []
     for r, log in enumerate(logs):
         with open(log, "wb") as out:
