@@ -131,6 +131,7 @@ bench: build
 	$(RUN) benchmarks/bench_gate.py
 	$(RUN) benchmarks/bench_layer.py
 	$(RUN) benchmarks/bench_projection.py
+	$(RUN) benchmarks/bench_sharded.py
 
 lint: $(ENV_STAMP)
 	@command -v clang-format >/dev/null || \

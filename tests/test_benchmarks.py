@@ -30,3 +30,16 @@ def test_projection_benchmark_writes_its_table(tmp_path: Path, monkeypatch) -> N
     rows = [line for line in (tmp_path / "projection_cpu.md").read_text().splitlines() if line.startswith("| 9x2")]
     assert [row.split(" | ")[1] for row in rows] == ["fwd", "fwd+bwd"]
     sys.modules.pop("bench_projection", None)
+
+
+def test_sharded_benchmark_writes_its_table(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_sharded
+
+    argv = ["--ranks", "1,2", "--steps", "1", "--batch", "2", "--table-scale", "0.01", "--out", str(tmp_path)]
+    bench_sharded.main(argv)
+    rows = [line for line in (tmp_path / "sharded_cpu.md").read_text().splitlines() if line[:4] in ("| 1 ", "| 2 ")]
+    assert len(rows) == 2
+    assert "| 0.0 KiB / 0.0 KiB |" in rows[0]  # one rank owns every row: nothing crosses
+    assert "| 0.0 KiB" not in rows[1]
+    sys.modules.pop("bench_sharded", None)
