@@ -12,6 +12,12 @@ per token and branch on a few sentences (``gates.png``) and the figures (``summa
 
     PYTHONPATH=torch_ext python examples/train_lm.py            (or: make demo)
     ... --device cuda --size small --steps 2000 --out build/demo
+    ... --nproc 2                 (or: torchrun --nproc-per-node 2 examples/train_lm.py)
+
+With ``--nproc N`` (or under ``torchrun``) N processes train on the same global batch, each on its
+share: the n-gram tables' rows are sharded over them (``NgramHashEmbedding(process_group=...)``)
+and the rest of the model is replicated under DDP; gloo on CPU, NCCL on GPUs. The losses are those
+of one process.
 """
 
 from __future__ import annotations
@@ -19,12 +25,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -161,9 +170,36 @@ def evaluate(model: TinyLM, val: torch.Tensor, cfg: Config, device: str) -> floa
     return sum(losses) / len(losses)
 
 
+def shard_tables(model: TinyLM) -> None:
+    """Each Engram's table, built whole as one process does, sharded by rows over the ranks (each keeps its rows)."""
+    for engram in model.engrams.values():
+        whole = engram.memory
+        engram.memory = NgramHashEmbedding(
+            whole.multipliers,
+            whole.primes,
+            whole.embed_dim_per_ngram,
+            pad_id=whole.pad_id,
+            sparse=True,
+            device=whole.embedding.weight.device,
+            process_group=dist.group.WORLD,
+        )
+        engram.memory.load_state_dict(whole.state_dict())
+
+
 def train(label: str, cfg: Config, engram_layers: tuple[int, ...], args: argparse.Namespace, data) -> dict:
     train_data, val_data = data
     model = TinyLM(cfg, engram_layers, args.seed).to(args.device)
+    params = sum(p.numel() for p in model.parameters())  # whole tables, before any sharding
+    forward = model
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if world > 1:
+        shard_tables(model)
+        from torch.nn.parallel import DistributedDataParallel
+
+        # The tables are sharded, not replicated: DDP leaves them to the exchange.
+        tables = [n for n, _ in model.named_parameters() if n.endswith("memory.embedding.weight")]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, tables)
+        forward = DistributedDataParallel(model)
     # The n-gram tables get sparse gradients: each step touches a few thousand of their rows.
     tables = [p for n, p in model.named_parameters() if n.endswith("memory.embedding.weight")]
     dense = [(n, p) for n, p in model.named_parameters() if not n.endswith("memory.embedding.weight")]
@@ -182,9 +218,9 @@ def train(label: str, cfg: Config, engram_layers: tuple[int, ...], args: argpars
     history = {"step": [], "loss": [], "val_step": [], "val_loss": []}
     tokens, elapsed = 0, 0.0
     for step in range(1, args.steps + 1):
-        x, y = next(stream)
+        x, y = (t.chunk(world)[rank] for t in next(stream))  # this rank's share of the global batch
         start = time.perf_counter()
-        loss = F.cross_entropy(model(x)[0].flatten(0, 1), y.flatten())
+        loss = F.cross_entropy(forward(x)[0].flatten(0, 1), y.flatten())
         for opt in opts:
             opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -194,13 +230,18 @@ def train(label: str, cfg: Config, engram_layers: tuple[int, ...], args: argpars
         if args.device == "cuda":
             torch.cuda.synchronize()
         elapsed += time.perf_counter() - start
-        tokens += x.numel()
+        tokens += x.numel() * world
+        if world > 1:  # the global batch's loss: the mean of the ranks' equal shares
+            loss = loss.detach().clone()
+            dist.all_reduce(loss)
+            loss /= world
         history["step"].append(step)
         history["loss"].append(loss.item())
         if step % args.eval_every == 0 or step == args.steps:
             history["val_step"].append(step)
             history["val_loss"].append(evaluate(model, val_data, cfg, args.device))
-        progress(label, step, args.steps, loss.item(), tokens / elapsed)
+        if rank == 0:
+            progress(label, step, args.steps, loss.item(), tokens / elapsed)
     tail = history["loss"][-max(1, args.steps // 10) :]
     return {
         "model": model,
@@ -208,7 +249,7 @@ def train(label: str, cfg: Config, engram_layers: tuple[int, ...], args: argpars
         "train_loss": sum(tail) / len(tail),
         "val_loss": history["val_loss"][-1],
         "tokens_per_s": tokens / elapsed,
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": params,
     }
 
 
@@ -236,20 +277,28 @@ def plot_losses(runs: dict[str, dict], path: Path) -> None:
 
 
 @torch.no_grad()
-def plot_gates(model: TinyLM, device: str, path: Path) -> dict[str, list]:
+def gate_values(model: TinyLM, device: str) -> dict[str, list]:
+    """The gate ``a`` [T][G] at the first Engram layer, per sentence of SENTENCES."""
+    model.eval()
+    layer = min(int(i) for i in model.engrams)
+    found = {}
+    for sentence in SENTENCES:
+        ids = torch.tensor([list(sentence.encode())], device=device)
+        found[sentence] = model(ids)[1][layer][0].float().cpu().tolist()
+    model.train()
+    return found
+
+
+def plot_gates(gates: dict[str, list], model: TinyLM, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    model.eval()
     layer = min(int(i) for i in model.engrams)
-    fig, axes = plt.subplots(len(SENTENCES), 1, figsize=(14, 1.2 + 1.1 * len(SENTENCES)), squeeze=False)
-    found = {}
-    for ax, sentence in zip(axes[:, 0], SENTENCES, strict=True):
-        ids = torch.tensor([list(sentence.encode())], device=device)
-        a = model(ids)[1][layer][0].float().cpu()  # [T, G]
-        found[sentence] = a.tolist()
+    fig, axes = plt.subplots(len(gates), 1, figsize=(14, 1.2 + 1.1 * len(gates)), squeeze=False)
+    for ax, (sentence, values) in zip(axes[:, 0], gates.items(), strict=True):
+        a = torch.tensor(values)  # [T, G]
         image = ax.imshow(a.T, aspect="auto", cmap="viridis", vmin=0, vmax=1)
         ax.set_xticks(range(len(sentence)), list(sentence), fontsize=8, family="monospace")
         ax.set_yticks(range(a.shape[1]), [f"branch {g}" for g in range(a.shape[1])], fontsize=8)
@@ -257,7 +306,6 @@ def plot_gates(model: TinyLM, device: str, path: Path) -> dict[str, list]:
     fig.suptitle(f"Gate per byte and branch at layer {layer} (bright: the 2- and 3-gram memory is let in)")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
-    return found
 
 
 def main() -> None:
@@ -269,44 +317,89 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads on CPU (0: torch's default)")
+    parser.add_argument("--nproc", type=int, default=1, help="processes: the tables sharded, the rest under DDP")
     parser.add_argument("--out", type=Path, default=Path("build/demo"))
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     cfg = SIZES[args.size]
     engram_layers = tuple(int(i) for i in args.engram_layers.split(","))
     if not all(0 <= i < cfg.layers for i in engram_layers):
         parser.error(f"--engram-layers must lie in 0..{cfg.layers - 1}, got {args.engram_layers}")
+    if args.nproc < 1 or cfg.batch % args.nproc:
+        parser.error(f"--nproc must divide the global batch {cfg.batch}, got {args.nproc}")
     args.out.mkdir(parents=True, exist_ok=True)
+    if "RANK" in os.environ:  # under torchrun
+        run_rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://", args)
+    elif args.nproc > 1:
+        import torch.multiprocessing as mp
 
+        with tempfile.TemporaryDirectory() as tmp:
+            store = f"file://{tmp}/store"
+            mp.start_processes(run_rank, args=(args.nproc, store, args), nprocs=args.nproc, start_method="spawn")
+    else:
+        run(args)
+
+
+def run_rank(rank: int, world: int, init_method: str, args: argparse.Namespace) -> None:
+    """One of ``world`` processes: gloo on CPU, NCCL on GPUs (one per process)."""
+    backend = "gloo"
+    if args.device.startswith("cuda"):
+        backend = "nccl"
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        args.device = f"cuda:{local}"
+    elif not args.threads:
+        args.threads = max(1, (os.cpu_count() or 1) // world)  # the cores shared among the processes
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
+    try:
+        run(args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = SIZES[args.size]
+    engram_layers = tuple(int(i) for i in args.engram_layers.split(","))
+    lead = not dist.is_initialized() or dist.get_rank() == 0
+    say = print if lead else (lambda *a, **k: None)
+    world = dist.get_world_size() if dist.is_initialized() else 1
     data = load_corpus()
     split = int(0.95 * len(data))
     data = (data[:split], data[split:])
-    print(f"corpus: {len(data[0]) + len(data[1]):,} bytes of pydoc_data topics; {args.size} model {asdict(cfg)}")
-    print(f"{args.steps} steps of {cfg.batch}x{cfg.seq} tokens on {args.device}, {torch.get_num_threads()} threads")
+    say(f"corpus: {len(data[0]) + len(data[1]):,} bytes of pydoc_data topics; {args.size} model {asdict(cfg)}")
+    say(
+        f"{args.steps} steps of {cfg.batch}x{cfg.seq} tokens on {args.device}, {torch.get_num_threads()} threads"
+        + (f" in each of {world} processes (tables sharded, the rest under DDP)" if world > 1 else "")
+    )
     begin = time.perf_counter()
     runs = {
         "baseline": train("baseline", cfg, (), args, data),
         "engram": train("engram", cfg, engram_layers, args, data),
     }
+    gates = gate_values(runs["engram"]["model"], args.device)  # every rank: the lookups exchange rows
+    if not lead:
+        return
     base, mem = runs["baseline"], runs["engram"]
     print(f"\n{'run':<10}{'params':>12}{'train loss':>12}{'val loss':>10}{'tokens/s':>12}")
-    for label, run in runs.items():
+    for label, run_ in runs.items():
         print(
-            f"{label:<10}{run['params']:>12,}{run['train_loss']:>12.4f}{run['val_loss']:>10.4f}"
-            f"{run['tokens_per_s']:>12,.0f}"
+            f"{label:<10}{run_['params']:>12,}{run_['train_loss']:>12.4f}{run_['val_loss']:>10.4f}"
+            f"{run_['tokens_per_s']:>12,.0f}"
         )
     delta = base["val_loss"] - mem["val_loss"]
     verdict = "helps" if delta > 0 else "does not help"
     print(f"the block {verdict}: validation loss {base['val_loss']:.4f} -> {mem['val_loss']:.4f} ({delta:+.4f} nats)")
     plot_losses(runs, args.out / "loss.png")
-    gates = plot_gates(mem["model"], args.device, args.out / "gates.png")
+    plot_gates(gates, mem["model"], args.out / "gates.png")
     summary = {
         "config": asdict(cfg),
         "steps": args.steps,
         "device": args.device,
+        "nproc": world,
         "engram_layers": engram_layers,
         "runs": {k: {m: v[m] for m in ("params", "train_loss", "val_loss", "tokens_per_s")} for k, v in runs.items()},
+        "losses": {k: v["history"]["loss"] for k, v in runs.items()},
         "gates": gates,
         "seconds": time.perf_counter() - begin,
     }

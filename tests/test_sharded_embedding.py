@@ -94,3 +94,32 @@ def test_a_bad_rank_makes_every_rank_raise(mode: str, rank1_says: str, others_sa
     records = launch("sharded_worker.py", mode, 2, tmp_path)
     assert rank1_says in records[1]["error"]
     assert others_say in records[0]["error"]
+
+
+def test_main_job_on_two_processes_gives_the_losses_of_one(tmp_path: Path) -> None:
+    """examples/train_lm.py --nproc 2: sharded tables, DDP for the rest, the same global batch."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "torch_ext")}
+    args = [sys.executable, str(root / "examples" / "train_lm.py"), "--steps", "3", "--eval-every", "3"]
+    losses = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"nproc{nproc}"
+        run = subprocess.run(
+            [*args, "--nproc", str(nproc), "--threads", "1", "--out", str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["nproc"] == nproc
+        losses[nproc] = summary["losses"]
+    for name in ("baseline", "engram"):
+        one, two = torch.tensor(losses[1][name]), torch.tensor(losses[2][name])
+        torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-5, msg=name)
