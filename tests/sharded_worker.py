@@ -7,8 +7,9 @@ Run as ``python tests/sharded_worker.py MODE STORE OUT_DIR`` (dist_launch.launch
 * ``sparse_adam``: the same with ``sparse=True`` and ``SparseAdam``;
 * ``dcp_save``: a trained table saved with ``torch.distributed.checkpoint`` to ``OUT_DIR/checkpoint``;
 * ``dcp_load``: a table of other weights loads that checkpoint;
-* ``mismatch``: rank 1 builds a table of another size; ``bad_ids``: rank 1 passes a negative id.
-  Every rank must raise; the record holds its message.
+* ``mismatch``: rank 1 builds a table of another size; ``bad_ids``: rank 1 passes a negative id;
+  ``bad_load``: a state dict whose table has another shape. Every rank must raise; the record
+  holds its message.
 """
 
 from __future__ import annotations
@@ -124,6 +125,13 @@ def run(mode: str, rank: int, world_size: int, out_dir: str) -> dict:
         dcp.load(state, checkpoint_id=checkpoint)
         table.load_state_dict(state)
         return {"table": table.sharded_weight().full_tensor(), "local_rows": table.embedding.weight.shape[0]}
+    if mode == "bad_load":
+        table = make_table(dist.group.WORLD)
+        try:
+            table.load_state_dict({**table.state_dict(), "embedding.weight": torch.zeros(7, 3, dtype=torch.float64)})
+        except ValueError as error:
+            return {"error": str(error)}
+        return {"error": None}
     if mode in ("mismatch", "bad_ids"):
         try:
             sizes = [31, 29] if mode == "mismatch" and rank == 1 else None

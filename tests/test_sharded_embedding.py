@@ -88,6 +88,7 @@ def test_checkpoint_saved_by_two_ranks_loads_into_four_and_into_one(tmp_path: Pa
     [
         ("mismatch", "same table shape", "same table shape"),
         ("bad_ids", "expected `ids` >= 0", "ranks [1] of the process group got invalid ids"),
+        ("bad_load", "of the whole table's shape", "but got [7, 3]"),
     ],
 )
 def test_a_bad_rank_makes_every_rank_raise(mode: str, rank1_says: str, others_say: str, tmp_path: Path) -> None:
@@ -96,8 +97,12 @@ def test_a_bad_rank_makes_every_rank_raise(mode: str, rank1_says: str, others_sa
     assert others_say in records[0]["error"]
 
 
-def test_main_job_on_two_processes_gives_the_losses_of_one(tmp_path: Path) -> None:
-    """examples/train_lm.py --nproc 2: sharded tables, DDP for the rest, the same global batch."""
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (NCCL between them)")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=TWO_GPUS)])
+def test_main_job_on_two_processes_gives_the_losses_of_one(device: str, tmp_path: Path) -> None:
+    """examples/train_lm.py --nproc 2: sharded tables, DDP for the rest (gloo on CPU, NCCL on GPUs)."""
     import json
     import os
     import subprocess
@@ -106,6 +111,7 @@ def test_main_job_on_two_processes_gives_the_losses_of_one(tmp_path: Path) -> No
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root / "torch_ext")}
     args = [sys.executable, str(root / "examples" / "train_lm.py"), "--steps", "3", "--eval-every", "3"]
+    args += ["--device", device]
     losses = {}
     for nproc in (1, 2):
         out = tmp_path / f"nproc{nproc}"
