@@ -91,7 +91,23 @@ def train(mode: str, rank: int, world_size: int) -> tuple[dict, NgramHashEmbeddi
         record["grads"].append(whole_of(table, grad.to_dense() if grad.is_sparse else grad))
         opt.step()
     record["table"] = table.sharded_weight().full_tensor()
+    record["ddp_table"] = train_replicated_under_ddp(mode, rank, world_size)
     return record, table
+
+
+def train_replicated_under_ddp(mode: str, rank: int, world_size: int) -> torch.Tensor:
+    """The whole table on every rank under DDP, trained on the same batches: the table after the steps."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    table = make_table(sparse=mode == "sparse_adam")
+    ddp = DistributedDataParallel(table)
+    opt = optimizer(mode, table.parameters())
+    for step in range(STEPS):
+        ids, target = batch(rank, world_size, step)
+        opt.zero_grad(set_to_none=True)
+        loss_of(ddp(ids), target).backward()
+        opt.step()
+    return table.embedding.weight.detach().clone()
 
 
 def whole_of(table: NgramHashEmbedding, local: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """NgramHashEmbedding with its rows sharded over a process group (docs/ngram.md#sharding), on 2 and 4 gloo ranks.
 
-Each rank trains the sharded table on a batch of its own size (one rank's is empty among four). One
-process, holding the whole table, computes what DDP would on the same data: the gradient of the mean
-over ranks of their losses. The outputs must be the same bits before the first step, and the
-gradients and tables close at every step, in float64.
+Each rank trains the sharded table on a batch of its own size (one rank's is empty among four), and
+the whole table replicated under DDP on the same batches. One process, holding the whole table,
+computes what DDP does: the gradient of the mean over ranks of their losses. The outputs must be
+the same bits before the first step, and the gradients and tables close at every step, in float64.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def test_sharded_training_matches_one_process(mode: str, world_size: int, tmp_pa
             assert_agree(got["outputs"][step], want["outputs"][step][rank], f"rank {rank} output at step {step}")
             assert_agree(got["grads"][step], want["grads"][step], f"rank {rank} table gradient at step {step}")
         assert_agree(got["table"], want["table"], f"rank {rank} table after the steps")
+        assert_agree(got["table"], got["ddp_table"], f"rank {rank} table against the replicated one under DDP")
     start = worker.make_table().embedding.weight.detach()
     moved = (want["table"] - start).abs().amax(dim=1) > 0
     assert 0 < int(moved.sum()) < rows  # the steps moved some rows and not others
