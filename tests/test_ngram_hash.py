@@ -6,6 +6,8 @@ child process (tests/bad_input.py).
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -181,7 +183,8 @@ def _ngram_call(args: dict, via: str = "functional"):
     def build() -> tuple:
         positional = tuple(args[name].clone() for name in ("ids", "multipliers", "primes"))
         fn = torch.ops.retrieval_attention.ngram_hash if via == "op" else functional.ngram_hash
-        return fn, positional, {"pad_id": args["pad_id"]}
+        packed = {"cu_seqlens": args["cu_seqlens"]} if "cu_seqlens" in args else {}
+        return fn, positional, {"pad_id": args["pad_id"], **packed}
 
     return build
 
@@ -204,6 +207,27 @@ MORE_BAD_INPUTS = {
     "primes_last_negative": (_bad(primes=torch.tensor([[11, 13], [17, -(2**62)]])), "`primes`", ValueError),
     "primes_all_zero": (_bad(primes=torch.zeros(2, 2, dtype=torch.int64)), "`primes`", ValueError),
     "pad_id_very_negative": (_bad(pad_id=-(2**63)), "`pad_id`", ValueError),
+    "cu_seqlens_float": (
+        _bad(ids=torch.zeros(1, 5, dtype=torch.int64), cu_seqlens=torch.tensor([0.0, 5.0])),
+        "`cu_seqlens`",
+        TypeError,
+    ),
+    "cu_seqlens_rank2": (
+        _bad(ids=torch.zeros(1, 5, dtype=torch.int64), cu_seqlens=torch.tensor([[0, 5]])),
+        "`cu_seqlens`",
+        ValueError,
+    ),
+    "cu_seqlens_short_of_T": (
+        _bad(ids=torch.zeros(1, 5, dtype=torch.int64), cu_seqlens=torch.tensor([0, 2, 4])),
+        "`cu_seqlens` to start at 0 and end at T = 5",
+        ValueError,
+    ),
+    "cu_seqlens_decreasing": (
+        _bad(ids=torch.zeros(1, 5, dtype=torch.int64), cu_seqlens=torch.tensor([0, 4, 2, 5])),
+        "`cu_seqlens` never to decrease",
+        ValueError,
+    ),
+    "cu_seqlens_with_two_rows": (_bad(cu_seqlens=torch.tensor([0, 5])), "`ids` of shape [1, T]", ValueError),
 }
 
 
@@ -237,6 +261,41 @@ CASES: dict[str, BadCase] = {
     },
     "cuda-primes_negative": BadCase(_cuda_call(None, negate_primes=True), ValueError, "`primes`", cuda=True),
 }
+
+
+def _packed(device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences of lengths 5, 1, 0 (empty), 2 and 7 packed in one row, and their offsets."""
+    lengths = [5, 1, 0, 2, 7]
+    ids = torch.randint(0, 2**40, (1, sum(lengths)), generator=torch.Generator().manual_seed(3)).to(device)
+    cu = torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=dtype, device=device)
+    return ids, cu
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64], ids=str)
+def test_packed_equals_each_sequence_alone(device: str, dtype: torch.dtype) -> None:
+    """No n-gram crosses a boundary: each packed sequence hashes as it would alone, bit for bit."""
+    multipliers, primes = (t.to(device) for t in _tables(4, 3, big_prime=True))
+    ids, cu = _packed(device, dtype)
+    out = functional.ngram_hash(ids, multipliers, primes, pad_id=7, cu_seqlens=cu)
+    bounds = cu.tolist()
+    alone = [functional.ngram_hash(ids[:, a:b], multipliers, primes, pad_id=7) for a, b in itertools.pairwise(bounds)]
+    assert torch.equal(out, torch.cat(alone, dim=1))
+    assert torch.equal(out, reference.ngram_hash(ids, multipliers, primes, pad_id=7, cu_seqlens=cu))
+    # One sequence is the unpacked call; the boundaries do change the result.
+    whole = functional.ngram_hash(ids, multipliers, primes, pad_id=7)
+    one = torch.tensor([0, ids.shape[1]], dtype=dtype, device=device)
+    assert torch.equal(functional.ngram_hash(ids, multipliers, primes, pad_id=7, cu_seqlens=one), whole)
+    assert not torch.equal(out, whole)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_embedding_packed_equals_each_sequence_alone(device: str) -> None:
+    module = NgramHashEmbedding.from_seed([61, 53], 2, 8, token_vocab_size=2**40, device=device)
+    ids, cu = _packed(device, torch.int64)
+    bounds = cu.tolist()
+    alone = torch.cat([module(ids[:, a:b]) for a, b in itertools.pairwise(bounds)], dim=1)
+    assert torch.equal(module(ids, cu_seqlens=cu), alone)
 
 
 @bad_input.parametrize(CASES)

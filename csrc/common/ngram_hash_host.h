@@ -7,6 +7,7 @@
 #include <c10/macros/Macros.h>
 
 #include <cstdint>
+#include <optional>
 
 namespace retrieval_attention {
 
@@ -22,6 +23,8 @@ struct NgramHashParams {
   const int64_t* primes;       // [max_n - 1, H]
   int64_t* out;                // [B, T, (max_n - 1) * H]
   int64_t pad_id;
+  const int64_t* cu_seqlens;  // [num_offsets] where packed sequences begin in the one row (B = 1), or nullptr
+  int64_t num_offsets;
 
   C10_HOST_DEVICE int64_t heads() const { return (max_n - 1) * H; }  // outputs per token
 };
@@ -29,16 +32,20 @@ struct NgramHashParams {
 struct NgramHashPlan {
   at::Tensor out;
   at::Tensor multipliers, primes;  // contiguous, kept alive until the launch ends
+  at::Tensor cu_seqlens;           // int64, contiguous; undefined when nothing is packed
   NgramHashParams params;
 };
 
 // Checks every argument but the values of ids and primes (the error names the argument),
 // allocates the output and fills the params.
 NgramHashPlan plan_ngram_hash(const at::Tensor& ids, const at::Tensor& multipliers, const at::Tensor& primes,
-                              int64_t pad_id);
+                              int64_t pad_id, const std::optional<at::Tensor>& cu_seqlens);
 
 // Raises unless every prime is > 0; primes must be on the CPU.
 void check_primes_positive(const at::Tensor& primes);
+
+// Raises unless the offsets (int64, on the CPU) start at 0, never decrease and end at T.
+void check_cu_seqlens_values(const at::Tensor& cu_seqlens, int64_t T);
 
 // Raises for a negative id found by a kernel (CPU only: the CUDA kernel does not look).
 void check_no_negative_id(bool found, int64_t id);

@@ -24,12 +24,13 @@ int64_t hash_tokens(const NgramHashParams& p, int64_t begin, int64_t end) {
     const int64_t t = token % p.T;
     const int64_t* row = p.ids + b * p.ids_stride_b;
     const int64_t x = row[t * p.ids_stride_t];
+    const int64_t start = sequence_start(p.cu_seqlens, p.num_offsets, t);
     // Each id is this position's token exactly once, so checking it here sees every id.
     negative = x < 0 ? x : negative;
     int64_t* out = p.out + token * K;
     int64_t mix = mix_step(0, x, p.multipliers[0]);
     for (int64_t n = 2; n <= p.max_n; ++n) {
-      mix = mix_step(mix, token_before(row, p.ids_stride_t, t, n - 1, p.pad_id), p.multipliers[n - 1]);
+      mix = mix_step(mix, token_before(row, p.ids_stride_t, t, n - 1, p.pad_id, start), p.multipliers[n - 1]);
       const int64_t first = (n - 2) * p.H;
       for (int64_t j = 0; j < p.H; ++j) {
         out[first + j] = floor_mod(mix, p.primes[first + j]);
@@ -42,9 +43,12 @@ int64_t hash_tokens(const NgramHashParams& p, int64_t begin, int64_t end) {
 }  // namespace
 
 at::Tensor ngram_hash_cpu(const at::Tensor& ids, const at::Tensor& multipliers, const at::Tensor& primes,
-                          int64_t pad_id) {
-  auto plan = plan_ngram_hash(ids, multipliers, primes, pad_id);
+                          int64_t pad_id, const std::optional<at::Tensor>& cu_seqlens) {
+  auto plan = plan_ngram_hash(ids, multipliers, primes, pad_id, cu_seqlens);
   check_primes_positive(plan.primes);
+  if (plan.cu_seqlens.defined()) {
+    check_cu_seqlens_values(plan.cu_seqlens, plan.params.T);
+  }
   const auto& p = plan.params;
   if (plan.out.numel() == 0) {
     return plan.out;

@@ -28,7 +28,8 @@ __global__ void __launch_bounds__(kNgramThreads) ngram_hash_kernel(const NgramHa
     const int64_t b = token / p.T;
     const int64_t t = token % p.T;
     const int64_t n = k / p.H + 2;
-    const int64_t mix = ngram_mix(p.ids + b * p.ids_stride_b, p.ids_stride_t, t, n, p.multipliers, p.pad_id);
+    const int64_t start = sequence_start(p.cu_seqlens, p.num_offsets, t);
+    const int64_t mix = ngram_mix(p.ids + b * p.ids_stride_b, p.ids_stride_t, t, n, p.multipliers, p.pad_id, start);
     p.out[e] = floor_mod(mix, p.primes[k]);
   }
 }
@@ -44,19 +45,22 @@ void launch_ngram_hash(const NgramHashParams& p, cudaStream_t stream) {
 }  // namespace
 }  // namespace cuda
 
-// Checks that cost a device sync are limited to the primes: (max_n - 1) * H values copied to
-// the host, skipped while a CUDA graph is captured (a sync is illegal there). ids are not
+// Checks that cost a device sync are limited to the primes and the offsets: (max_n - 1) * H and
+// S + 1 values copied to the host, skipped while a CUDA graph is captured (a sync is illegal there). ids are not
 // checked for negative values: that would need a sync per call. A negative id still hashes to
 // a value in [0, P) (the arithmetic wraps and the modulo is floored), so nothing goes out of
 // bounds; it is the caller's contract, as for an embedding index.
 at::Tensor ngram_hash_cuda(const at::Tensor& ids, const at::Tensor& multipliers, const at::Tensor& primes,
-                           int64_t pad_id) {
+                           int64_t pad_id, const std::optional<at::Tensor>& cu_seqlens) {
   TORCH_CHECK(ids.is_cuda(), "retrieval_attention.ngram_hash: expected `ids` on the CUDA device of the other inputs, ",
               "but got ", ids.device());
   const c10::cuda::CUDAGuard device_guard(ids.device());
-  auto plan = plan_ngram_hash(ids, multipliers, primes, pad_id);
+  auto plan = plan_ngram_hash(ids, multipliers, primes, pad_id, cu_seqlens);
   if (c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
     check_primes_positive(plan.primes.cpu());
+    if (plan.cu_seqlens.defined()) {
+      check_cu_seqlens_values(plan.cu_seqlens.cpu(), plan.params.T);
+    }
   }
   if (plan.out.numel() == 0) {
     return plan.out;

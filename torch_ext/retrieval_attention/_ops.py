@@ -59,7 +59,12 @@ def _gate_backward_fake(
 
 @torch.library.register_fake("retrieval_attention::ngram_hash")
 def _ngram_hash_fake(
-    ids: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tensor, *, pad_id: int
+    ids: torch.Tensor,
+    multipliers: torch.Tensor,
+    primes: torch.Tensor,
+    *,
+    pad_id: int,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     B, T = ids.shape
     return ids.new_empty((B, T, (multipliers.shape[0] - 1) * primes.shape[1]), dtype=torch.int64)

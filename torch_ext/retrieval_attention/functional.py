@@ -111,7 +111,14 @@ def _short_conv_eager(
     return x + out if residual else out
 
 
-def ngram_hash(ids: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tensor, *, pad_id: int) -> torch.Tensor:
+def ngram_hash(
+    ids: torch.Tensor,
+    multipliers: torch.Tensor,
+    primes: torch.Tensor,
+    *,
+    pad_id: int,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Hashed n-gram ids of token ids (docs/ngram.md), as the Engram demo's ``NgramHashMapping``.
 
     For orders ``n = 2..max_n`` and heads ``j = 0..H-1``::
@@ -129,8 +136,13 @@ def ngram_hash(ids: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tenso
         primes: ``[max_n - 1, H]`` int64, every entry ``> 0``; on the device of ``ids``. On CUDA the
             check copies them to the host (a stream sync), except while a CUDA graph is captured.
         pad_id: ``>= 0``, the token taken before the start of every sequence.
+        cu_seqlens: ``[S + 1]`` int32 or int64 on the device of ``ids``, or None: ``S`` sequences
+            packed in one row (``ids`` ``[1, T]``), sequence ``s`` at ``[cu_seqlens[s],
+            cu_seqlens[s + 1])`` (flash-attn's varlen convention). No n-gram crosses a boundary:
+            each sequence starts padded, and hashes as it would alone. The offsets must start at
+            0, never decrease and end at ``T``; on CUDA that check copies them to the host.
 
     Returns:
         ``[B, T, (max_n - 1) * H]`` int64, contiguous, order-major then head. Not differentiable.
     """
-    return torch.ops.retrieval_attention.ngram_hash(ids, multipliers, primes, pad_id=pad_id)
+    return torch.ops.retrieval_attention.ngram_hash(ids, multipliers, primes, pad_id=pad_id, cu_seqlens=cu_seqlens)

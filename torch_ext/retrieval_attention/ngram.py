@@ -270,26 +270,30 @@ class NgramHashEmbedding(nn.Module):
         if self.hash_pad_id < 0:
             raise ValueError(f"NgramHashEmbedding: expected `lookup[pad_id]` >= 0, but got {self.hash_pad_id}")
 
-    def hash(self, ids: torch.Tensor) -> torch.Tensor:
+    def hash(self, ids: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """Raw hashes ``[B, T, (max_n - 1) * H]`` int64 of token ids ``[B, T]`` (after ``lookup``)."""
         if self.lookup is not None:
             # index_select rejects negative ids where indexing would wrap them around.
             ids = torch.index_select(self.lookup, 0, ids.flatten()).view(ids.shape)
-        return ngram_hash(ids, self.multipliers, self.primes, pad_id=self.hash_pad_id)
+        return ngram_hash(ids, self.multipliers, self.primes, pad_id=self.hash_pad_id, cu_seqlens=cu_seqlens)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Embeddings ``[B, T, embed_size]`` of token ids ``[B, T]`` int64."""
+    def forward(self, ids: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings ``[B, T, embed_size]`` of token ids ``[B, T]`` int64.
+
+        ``cu_seqlens`` ``[S + 1]``: sequences packed in one row (``ids`` ``[1, T]``), as
+        :func:`retrieval_attention.ngram_hash` takes them; each is looked up as it would be alone.
+        """
         if self.sharding is not None:
-            return self._sharded_forward(ids)
-        return self.embedding(self.hash(ids) + self.offsets).flatten(-2)
+            return self._sharded_forward(ids, cu_seqlens)
+        return self.embedding(self.hash(ids, cu_seqlens=cu_seqlens) + self.offsets).flatten(-2)
 
     @torch.compiler.disable  # data-dependent splits and collectives: the model around it still compiles
-    def _sharded_forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def _sharded_forward(self, ids: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         # A bad input must reach the other ranks before they wait for this one's rows.
         error = _ids_error(ids, None if self.lookup is None else self.lookup.shape[0])
         rows = torch.empty(0, dtype=torch.int64, device=self.offsets.device)
         if error is None:
-            rows = self.hash(ids) + self.offsets
+            rows = self.hash(ids, cu_seqlens=cu_seqlens) + self.offsets
         plan = _sharding.plan_lookup(rows.flatten(), self.sharding, error)
         weight = self.embedding.weight
         found = _sharding.ShardedLookup.apply(weight, plan, self.sharding, self.embedding.sparse)

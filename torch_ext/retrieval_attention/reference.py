@@ -6,6 +6,7 @@ official Engram demo computes the gate.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -101,13 +102,24 @@ def retrieval_attention(
     return o + short_conv(o, conv_weight, conv_norm_weight, dilation=conv_dilation, eps=conv_eps)
 
 
-def ngram_hash(ids: torch.Tensor, multipliers: torch.Tensor, primes: torch.Tensor, *, pad_id: int) -> torch.Tensor:
+def ngram_hash(
+    ids: torch.Tensor,
+    multipliers: torch.Tensor,
+    primes: torch.Tensor,
+    *,
+    pad_id: int,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Reference of :func:`retrieval_attention.ngram_hash` (docs/ngram.md), shifted copies as the demo.
 
     ``ids`` ``[B, T]``, ``multipliers`` ``[max_n]``, ``primes`` ``[max_n - 1, H]``, all int64;
     returns ``[B, T, (max_n - 1) * H]`` int64. torch's int64 multiply wraps around and
-    ``torch.remainder`` is the floor modulo, as NumPy's ``*`` and ``%``.
+    ``torch.remainder`` is the floor modulo, as NumPy's ``*`` and ``%``. With ``cu_seqlens``
+    (``ids`` ``[1, T]``), each packed sequence is hashed alone and the results concatenated.
     """
+    if cu_seqlens is not None and cu_seqlens.numel() > 1:
+        parts = [ids[:, a:b] for a, b in itertools.pairwise(cu_seqlens.tolist())]
+        return torch.cat([ngram_hash(p, multipliers, primes, pad_id=pad_id) for p in parts], dim=1)
     T = ids.shape[1]
     max_n = multipliers.shape[0]
     mix = ids * multipliers[0]
