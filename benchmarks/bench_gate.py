@@ -414,13 +414,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--system-malloc", action="store_true", help="CPU: leave glibc malloc as it is (see keep_freed_memory)"
     )
+    add_out_argument(parser)
+    return parser.parse_args(argv)
+
+
+def add_out_argument(parser: argparse.ArgumentParser) -> None:
+    """``--out``, the results folder every benchmark script writes to."""
     parser.add_argument(
         "--out",
         type=Path,
         default=Path(__file__).resolve().parent / "results",
         help="output folder (default: benchmarks/results)",
     )
-    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

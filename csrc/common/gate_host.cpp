@@ -88,14 +88,14 @@ at::Tensor token_view(const at::Tensor& t, int64_t N, int64_t D) {
   return (D > 1 && r.stride(1) != 1) ? r.contiguous() : r;
 }
 
-// w_q * w_k in the accumulation dtype, [G, D] contiguous; undefined when both are None.
+// w_q * w_k in the weight dtype, [G, D] contiguous; undefined when both are None.
 at::Tensor product_weight(const std::optional<at::Tensor>& w_q, const std::optional<at::Tensor>& w_k,
-                          c10::ScalarType acc) {
+                          c10::ScalarType dtype) {
   if (w_q.has_value() && w_k.has_value()) {
-    return (w_q->to(acc) * w_k->to(acc)).contiguous();
+    return (w_q->to(dtype) * w_k->to(dtype)).contiguous();
   }
   if (w_q.has_value() || w_k.has_value()) {
-    return (w_q.has_value() ? *w_q : *w_k).to(acc).contiguous();
+    return (w_q.has_value() ? *w_q : *w_k).to(dtype).contiguous();
   }
   return at::Tensor();
 }
@@ -110,6 +110,13 @@ std::vector<int64_t> with_prefix(int64_t first, const std::vector<int64_t>& rest
   return out;
 }
 
+// The RMSNorm epsilon resolved from the dtype of h, checked.
+double resolve_eps(const char* op, const GateOptions& options, c10::ScalarType dtype) {
+  const double eps = options.eps.has_value() ? *options.eps : default_eps(dtype);
+  TORCH_CHECK_VALUE(eps >= 0 && std::isfinite(eps), op, ": expected `eps` >= 0 and finite, but got ", eps);
+  return eps;
+}
+
 // Checks the options both directions read; returns the scale resolved.
 double check_options(const char* op, const GateOptions& options, int64_t D) {
   const double scale = resolve_scale(options.scale, D);
@@ -121,12 +128,13 @@ double check_options(const char* op, const GateOptions& options, int64_t D) {
 
 // The canonical views both directions read, and their params.
 template <typename Plan>
-void set_inputs(Plan& plan, const Shape& s, const GateInputs& in, const GateOptions& options, double scale) {
+void set_inputs(Plan& plan, const Shape& s, const GateInputs& in, const GateOptions& options, double scale,
+                std::optional<c10::ScalarType> weight_dtype) {
   plan.dtype = in.h.scalar_type();
   plan.h = row_view(in.h, s.N, s.G, s.D);
   plan.k = row_view(in.k, s.N, s.G, s.D);
   plan.v = token_view(in.v, s.N, s.D);
-  plan.w = product_weight(in.w_q, in.w_k, acc_dtype(plan.dtype));
+  plan.w = product_weight(in.w_q, in.w_k, weight_dtype.value_or(acc_dtype(plan.dtype)));
   plan.mask = in.mask.has_value() ? in.mask->reshape({s.N}).contiguous() : at::Tensor();
   auto& p = plan.params;
   p.N = s.N;
@@ -163,14 +171,14 @@ double resolve_scale(std::optional<double> scale, int64_t D) {
   return scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(D));
 }
 
-GateForwardPlan plan_gate_forward(const GateInputs& in, const GateOptions& options) {
+GateForwardPlan plan_gate_forward(const GateInputs& in, const GateOptions& options,
+                                  std::optional<c10::ScalarType> weight_dtype) {
   const Shape s = check_inputs(kForwardOp, in);
-  const double eps = options.eps.has_value() ? *options.eps : default_eps(in.h.scalar_type());
-  TORCH_CHECK_VALUE(eps >= 0 && std::isfinite(eps), kForwardOp, ": expected `eps` >= 0 and finite, but got ", eps);
+  const double eps = resolve_eps(kForwardOp, options, in.h.scalar_type());
   const double scale = check_options(kForwardOp, options, s.D);
 
   GateForwardPlan plan;
-  set_inputs(plan, s, in, options, scale);
+  set_inputs(plan, s, in, options, scale, weight_dtype);
   const auto& h = in.h;
   const auto acc = acc_dtype(plan.dtype);
   plan.o = at::empty(h.sizes(), h.options().memory_format(at::MemoryFormat::Contiguous));
@@ -186,7 +194,8 @@ GateForwardPlan plan_gate_forward(const GateInputs& in, const GateOptions& optio
   return plan;
 }
 
-GateBackwardPlan plan_gate_backward(const GateBackwardInputs& grads, const GateInputs& in, const GateOptions& options) {
+GateBackwardPlan plan_gate_backward(const GateBackwardInputs& grads, const GateInputs& in, const GateOptions& options,
+                                    std::optional<c10::ScalarType> weight_dtype) {
   const Shape s = check_inputs(kBackwardOp, in);
   const auto& h = in.h;
   check_like(kBackwardOp, "grad_o", grads.grad_o, h, h.sizes());
@@ -208,7 +217,7 @@ GateBackwardPlan plan_gate_backward(const GateBackwardInputs& grads, const GateI
   const double scale = check_options(kBackwardOp, options, s.D);
 
   GateBackwardPlan plan;
-  set_inputs(plan, s, in, options, scale);
+  set_inputs(plan, s, in, options, scale, weight_dtype);
   plan.go = row_view(grads.grad_o, s.N, s.G, s.D);
   plan.ga = grads.grad_a.has_value() ? grads.grad_a->contiguous() : at::Tensor();
   plan.a = grads.a.contiguous();
@@ -221,11 +230,12 @@ GateBackwardPlan plan_gate_backward(const GateBackwardInputs& grads, const GateI
   plan.grad_v = at::empty(in.v.sizes(), contiguous);
   if (plan.w.defined()) {
     // Zeros so that N = 0 gives a zero weight gradient without a launch.
-    plan.grad_w = at::zeros({s.G, s.D}, h.options().dtype(acc));
+    plan.grad_w = at::zeros({s.G, s.D}, h.options().dtype(plan.w.scalar_type()));
   }
 
   auto& p = plan.params;
-  p.eps = 0;  // the statistics hold the norms: the backward has no use for eps
+  // The statistics hold the norms; a kernel that recomputes them from h and k needs eps.
+  p.eps = resolve_eps(kBackwardOp, options, h.scalar_type());
   p.grad_o = plan.go.data_ptr();
   p.grad_a = plan.ga.defined() ? plan.ga.data_ptr() : nullptr;
   p.a = plan.a.data_ptr();

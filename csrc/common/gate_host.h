@@ -34,19 +34,22 @@ struct GateForwardPlan {
 };
 
 // Checks every argument (the error names it), allocates the outputs and fills the params.
-GateForwardPlan plan_gate_forward(const GateInputs& in, const GateOptions& options);
+// weight_dtype: of the product weight and the weight-gradient sums, acc_dtype unless the kernels want wider.
+GateForwardPlan plan_gate_forward(const GateInputs& in, const GateOptions& options,
+                                  std::optional<c10::ScalarType> weight_dtype = std::nullopt);
 
 struct GateBackwardPlan {
   at::Tensor grad_h, grad_k, grad_v;
-  at::Tensor grad_w;  // [G, D] acc dtype, sum over tokens; undefined without weights
+  at::Tensor grad_w;  // [G, D] weight dtype, sum over tokens; undefined without weights
   at::Tensor go, ga, h, k, v, w, mask, a, stats;
-  at::Tensor grad_w_partials;  // [num_partials, G, D] acc dtype, the backend's scratch
+  at::Tensor grad_w_partials;  // [num_partials, G, D] weight dtype, the backend's scratch
   std::optional<at::Tensor> w_q, w_k;
   GateBackwardParams params;
   c10::ScalarType dtype;
 };
 
-GateBackwardPlan plan_gate_backward(const GateBackwardInputs& grads, const GateInputs& in, const GateOptions& options);
+GateBackwardPlan plan_gate_backward(const GateBackwardInputs& grads, const GateInputs& in, const GateOptions& options,
+                                    std::optional<c10::ScalarType> weight_dtype = std::nullopt);
 
 // Allocates the backend's num_partials rows of weight-gradient partial sums (none without weights).
 void reserve_weight_grad_partials(GateBackwardPlan& plan, int64_t num_partials);

@@ -26,6 +26,12 @@ struct RowStats {
   acc_t s;    // scaled dot product of the normalized rows
 };
 
+// The statistics in another precision: a kernel may compute a row wider than it saves it.
+template <typename to_t, typename from_t>
+C10_HOST_DEVICE inline RowStats<to_t> cast_stats(const RowStats<from_t>& st) {
+  return {static_cast<to_t>(st.r_q), static_cast<to_t>(st.r_k), static_cast<to_t>(st.s)};
+}
+
 // The saved statistics are [kNumStats, rows]: one plane per statistic, so writes coalesce.
 template <typename acc_t>
 C10_HOST_DEVICE inline void store_stats(acc_t* stats, int64_t rows, int64_t row, const RowStats<acc_t>& st) {

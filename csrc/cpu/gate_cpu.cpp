@@ -43,7 +43,7 @@ std::vector<std::string> compiled_capabilities() {
 }  // namespace cpu
 
 GateOutputs gate_forward_cpu(const GateInputs& in, const GateOptions& options) {
-  auto plan = plan_gate_forward(in, options);
+  auto plan = plan_gate_forward(in, options, cpu::compute_dtype(in.h.scalar_type()));
   if (plan.params.N > 0) {
     cpu::selected_gate_kernels().forward(plan.params, plan.dtype);
   }
@@ -51,7 +51,7 @@ GateOutputs gate_forward_cpu(const GateInputs& in, const GateOptions& options) {
 }
 
 GateGradients gate_backward_cpu(const GateBackwardInputs& grads, const GateInputs& in, const GateOptions& options) {
-  auto plan = plan_gate_backward(grads, in, options);
+  auto plan = plan_gate_backward(grads, in, options, cpu::compute_dtype(in.h.scalar_type()));
   if (plan.params.N > 0) {
     reserve_weight_grad_partials(plan, cpu::weight_grad_chunks(plan.params.N));
     cpu::selected_gate_kernels().backward(plan.params, plan.dtype);

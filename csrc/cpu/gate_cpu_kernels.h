@@ -7,14 +7,26 @@
 // any x86-64 CPU and a test can force each variant.
 #pragma once
 
+#include <ATen/OpMathType.h>
 #include <c10/core/ScalarType.h>
 
 #include "common/gate_params.h"
 
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace retrieval_attention::cpu {
+
+// float32 rows compute in float64: float32 loses the small scores the signed square root amplifies.
+template <typename scalar_t>
+using ComputeType = std::conditional_t<std::is_same_v<scalar_t, float>, double, at::opmath_type<scalar_t>>;
+
+// ComputeType as a dtype: the host allocates the kernels' product weight and weight-gradient sums in it.
+constexpr c10::ScalarType compute_dtype(c10::ScalarType dtype) {
+  return dtype == c10::ScalarType::Float || dtype == c10::ScalarType::Double ? c10::ScalarType::Double
+                                                                             : c10::ScalarType::Float;
+}
 
 // The backward's weight-gradient sum over tokens runs in chunks fixed by N alone (never by
 // the thread count), each chunk summing its tokens in order, then the chunks in order:

@@ -44,10 +44,21 @@ constexpr int64_t kForwardGrainElements = 1 << 15;
 template <typename scalar_t>
 constexpr int64_t kTokenBlock = Lanes<scalar_t>::kReduced ? 4 : 1;
 
+// A row of scalar_t as vectors of the type the kernels compute it in (gate_cpu_kernels.h).
+template <typename scalar_t>
+using RowLanes = Lanes<scalar_t, ComputeType<scalar_t>>;
+
+// The host allocates the product weight in compute_dtype, which must name ComputeType.
+template <typename scalar_t>
+constexpr bool kComputeDtypeAgrees =
+    compute_dtype(c10::CppTypeToScalarType<scalar_t>::value) == c10::CppTypeToScalarType<ComputeType<scalar_t>>::value;
+static_assert(kComputeDtypeAgrees<float> && kComputeDtypeAgrees<double> && kComputeDtypeAgrees<at::Half> &&
+              kComputeDtypeAgrees<at::BFloat16>);
+
 template <typename scalar_t, bool kHasWeight>
-RowSums<at::opmath_type<scalar_t>> row_sums(const scalar_t* h, const scalar_t* k, const at::opmath_type<scalar_t>* w,
-                                            int64_t D) {
-  using L = Lanes<scalar_t>;
+RowSums<ComputeType<scalar_t>> row_sums(const scalar_t* h, const scalar_t* k, const ComputeType<scalar_t>* w,
+                                        int64_t D) {
+  using L = RowLanes<scalar_t>;
   typename L::Chunk hh = L::splat(0), kk = L::splat(0), hk = L::splat(0);
   for_each_chunk<L::kWidth>(D, [&](int64_t d, int64_t n) {
     const auto hv = L::load(h + d, n);
@@ -69,31 +80,48 @@ RowSums<at::opmath_type<scalar_t>> row_sums(const scalar_t* h, const scalar_t* k
   return {L::sum(hh), L::sum(kk), L::sum(hk)};
 }
 
+// The statistics and the gate of one row, from h and k.
+template <typename acc_t>
+struct RowGate {
+  RowStats<acc_t> st;
+  acc_t a;
+};
+
+template <typename scalar_t, bool kHasWeight>
+RowGate<ComputeType<scalar_t>> row_gate(const GateRowParams& p,
+                                        const GateRowPointers<scalar_t, ComputeType<scalar_t>>& ptr, int64_t n,
+                                        int64_t g) {
+  using acc_t = ComputeType<scalar_t>;
+  const scalar_t* hr = ptr.h + n * p.h_stride_n + g * p.h_stride_g;
+  const scalar_t* kr = ptr.k + n * p.k_stride_n + g * p.k_stride_g;
+  const auto sums = row_sums<scalar_t, kHasWeight>(hr, kr, kHasWeight ? ptr.w + g * p.D : nullptr, p.D);
+  const auto st = row_stats<acc_t>(sums, p.D, static_cast<acc_t>(p.eps), static_cast<acc_t>(p.scale));
+  const bool keep = p.mask == nullptr || p.mask[n];
+  return {st, gate_value<acc_t>(st.s, p.options.signed_sqrt, static_cast<acc_t>(p.options.sqrt_clamp), keep)};
+}
+
+// float32 rows recompute their statistics in the backward: the saved float32 ones cost up to ~4 ulps.
+template <typename scalar_t>
+constexpr bool kRecomputeStats = !std::is_same_v<ComputeType<scalar_t>, at::opmath_type<scalar_t>>;
+
 template <typename scalar_t, bool kHasWeight, bool kResidual>
 void forward_impl(const GateForwardParams& p) {
-  using L = Lanes<scalar_t>;
-  using acc_t = typename L::acc_t;
+  using L = RowLanes<scalar_t>;
+  using saved_t = at::opmath_type<scalar_t>;
   const int64_t G = p.G, D = p.D, NG = p.N * p.G;
-  const GateForwardPointers<scalar_t> ptr(p);
-  const auto eps = static_cast<acc_t>(p.eps);
-  const auto scale = static_cast<acc_t>(p.scale);
-  const auto clamp = static_cast<acc_t>(p.options.sqrt_clamp);
+  const GateForwardPointers<scalar_t, typename L::acc_t> ptr(p);
 
   const int64_t grain = std::max<int64_t>(1, kForwardGrainElements / (G * D));
   at::parallel_for(0, p.N, grain, [&](int64_t begin, int64_t end) {
     for (const auto n : c10::irange(begin, end)) {
       const scalar_t* vn = ptr.v + n * p.v_stride_n;
-      const bool keep = p.mask == nullptr || p.mask[n];
       for (const auto g : c10::irange(G)) {
         const scalar_t* hr = ptr.h + n * p.h_stride_n + g * p.h_stride_g;
-        const scalar_t* kr = ptr.k + n * p.k_stride_n + g * p.k_stride_g;
-        const auto st = row_stats<acc_t>(
-            row_sums<scalar_t, kHasWeight>(hr, kr, kHasWeight ? ptr.w + g * D : nullptr, D), D, eps, scale);
-        const acc_t a = gate_value<acc_t>(st.s, p.options.signed_sqrt, clamp, keep);
+        const auto [st, a] = row_gate<scalar_t, kHasWeight>(p, ptr, n, g);
         const int64_t row = n * G + g;
-        ptr.a[row] = a;
+        ptr.a[row] = static_cast<saved_t>(a);
         if (ptr.stats != nullptr) {
-          store_stats(ptr.stats, NG, row, st);
+          store_stats(ptr.stats, NG, row, cast_stats<saved_t>(st));
         }
 
         scalar_t* orow = ptr.o + row * D;
@@ -119,8 +147,8 @@ void forward_impl(const GateForwardParams& p) {
 
 // dL/da of one row: sum_d(go * v), plus the gradient that reaches a directly.
 template <typename scalar_t>
-at::opmath_type<scalar_t> row_dot(const scalar_t* x, const scalar_t* y, int64_t D) {
-  using L = Lanes<scalar_t>;
+ComputeType<scalar_t> row_dot(const scalar_t* x, const scalar_t* y, int64_t D) {
+  using L = RowLanes<scalar_t>;
   typename L::Chunk acc = L::splat(0);
   for_each_chunk<L::kWidth>(D, [&](int64_t d, int64_t n) {
     const auto xv = L::load(x + d, n);
@@ -140,11 +168,11 @@ struct RowBackward {
 
 template <typename scalar_t, bool kHasWeight, bool kResidual>
 void backward_impl(const GateBackwardParams& p) {
-  using L = Lanes<scalar_t>;
+  using L = RowLanes<scalar_t>;
   using acc_t = typename L::acc_t;
   using Chunk = typename L::Chunk;
   const int64_t N = p.N, G = p.G, D = p.D, NG = p.N * p.G;
-  const GateBackwardPointers<scalar_t> ptr(p);
+  const GateBackwardPointers<scalar_t, acc_t> ptr(p);
   const auto scale = static_cast<acc_t>(p.scale);
   const auto clamp = static_cast<acc_t>(p.options.sqrt_clamp);
 
@@ -171,8 +199,9 @@ void backward_impl(const GateBackwardParams& p) {
           const bool keep = p.mask == nullptr || p.mask[n];
           for (const auto g : c10::irange(G)) {
             const int64_t row = n * G + g;
-            const auto st = load_stats(ptr.stats, NG, row);
-            const acc_t a = ptr.a[row];
+            const auto [st, a] = kRecomputeStats<scalar_t>
+                                     ? row_gate<scalar_t, kHasWeight>(p, ptr, n, g)
+                                     : RowGate<acc_t>{cast_stats<acc_t>(load_stats(ptr.stats, NG, row)), ptr.a[row]};
             acc_t da = row_dot(ptr.grad_o + n * p.go_stride_n + g * p.go_stride_g, ptr.v + n * p.v_stride_n, D);
             if (ptr.grad_a != nullptr) {
               da += ptr.grad_a[row];

@@ -1,6 +1,7 @@
 // SIMD chunks shared by the CPU kernels: a row of scalar_t walked kWidth elements at a time and
-// held as acc_t vectors. Included only by files compiled once per capability (kernels/*.cpp), so
-// every name lives in the namespace CPU_CAPABILITY expands to.
+// held as acc_t vectors (float16/bfloat16 as float, float as float or double). Included only by
+// files compiled once per capability (kernels/*.cpp), so every name lives in the namespace
+// CPU_CAPABILITY expands to.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -21,14 +22,53 @@ namespace retrieval_attention::cpu::CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
-// A chunk of kWidth elements of scalar_t held as acc_t vectors: float and double load
-// directly; float16 and bfloat16 are widened to float in registers.
-template <typename scalar_t>
+// float <-> double, one float vector to two double vectors: ATen has no vector path for it.
+inline std::array<Vectorized<double>, 2> float_to_double(const Vectorized<float>& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 v = x;
+  return {Vectorized<double>(_mm512_cvtps_pd(_mm512_castps512_ps256(v))),
+          Vectorized<double>(_mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1)))};
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 v = x;
+  return {Vectorized<double>(_mm256_cvtps_pd(_mm256_castps256_ps128(v))),
+          Vectorized<double>(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)))};
+#else
+  __at_align__ float in[Vectorized<float>::size()];
+  __at_align__ double out[Vectorized<float>::size()];
+  x.store(in);
+  for (const auto i : c10::irange(Vectorized<float>::size())) {
+    out[i] = in[i];
+  }
+  return {Vectorized<double>::loadu(out), Vectorized<double>::loadu(out + Vectorized<double>::size())};
+#endif
+}
+
+inline Vectorized<float> double_to_float(const Vectorized<double>& lo, const Vectorized<double>& hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return Vectorized<float>(_mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(lo)), _mm512_cvtpd_ps(hi), 1));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return Vectorized<float>(_mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo)));
+#else
+  __at_align__ double in[Vectorized<float>::size()];
+  __at_align__ float out[Vectorized<float>::size()];
+  lo.store(in);
+  hi.store(in + Vectorized<double>::size());
+  for (const auto i : c10::irange(Vectorized<float>::size())) {
+    out[i] = static_cast<float>(in[i]);
+  }
+  return Vectorized<float>::loadu(out);
+#endif
+}
+
+// One vector of scalar_t held as acc_t vectors: as is, or widened to two (half types to float, float to double).
+template <typename scalar_t, typename acc_t_ = at::opmath_type<scalar_t>>
 struct Lanes {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = acc_t_;
   using AccVec = Vectorized<acc_t>;
-  static constexpr bool kReduced = !std::is_same_v<scalar_t, acc_t>;
-  static constexpr int kVecs = kReduced ? 2 : 1;
+  static constexpr bool kReduced = at::vec::is_reduced_floating_point_v<scalar_t>;
+  static constexpr bool kWidened = !std::is_same_v<scalar_t, acc_t>;
+  static_assert(!kWidened || sizeof(acc_t) == 2 * sizeof(scalar_t), "a chunk widens to exactly two vectors");
+  static constexpr int kVecs = kWidened ? 2 : 1;
   static constexpr int64_t kWidth = kVecs * AccVec::size();
   using Chunk = std::array<AccVec, kVecs>;
 
@@ -36,6 +76,8 @@ struct Lanes {
     if constexpr (kReduced) {
       auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p, count));
       return {lo, hi};
+    } else if constexpr (kWidened) {
+      return float_to_double(Vectorized<scalar_t>::loadu(p, count));
     } else {
       return {AccVec::loadu(p, count)};
     }
@@ -54,6 +96,8 @@ struct Lanes {
   static void store(scalar_t* p, const Chunk& c, int64_t count = kWidth) {
     if constexpr (kReduced) {
       at::vec::convert_from_float<scalar_t>(c[0], c[1]).store(p, count);
+    } else if constexpr (kWidened) {
+      double_to_float(c[0], c[1]).store(p, count);
     } else {
       c[0].store(p, count);
     }
