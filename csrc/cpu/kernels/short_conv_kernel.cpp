@@ -30,7 +30,7 @@ using at::vec::Vectorized;
 // One thread's scratch: the normalized rows and the gz rows of the context, 1 / rms, and two rows.
 template <typename acc_t>
 struct Scratch {
-  Scratch(const ShortConvParams& p, acc_t* base)
+  Scratch(const ShortConvCpuParams& p, acc_t* base)
       : rows(p.context() + 1), D(p.D), xn(base), gz(xn + rows * D), r(gz + rows * D), z(r + rows), gxn(z + D) {}
   acc_t* xn_row(int64_t t) const { return xn + (t % rows) * D; }
   acc_t* gz_row(int64_t t) const { return gz + (t % rows) * D; }
@@ -40,7 +40,7 @@ struct Scratch {
 };
 
 template <typename acc_t>
-Scratch<acc_t> thread_scratch(const ShortConvParams& p) {
+Scratch<acc_t> thread_scratch(const ShortConvCpuParams& p) {
   return Scratch<acc_t>(p, static_cast<acc_t*>(p.scratch) + at::get_thread_num() * p.scratch_per_thread);
 }
 
@@ -61,7 +61,7 @@ void silu_in_place(acc_t* z, int64_t n) {
 }
 
 template <typename scalar_t, typename acc_t>
-void normalize(const ShortConvParams& p, const scalar_t* x, const acc_t* norm, const Scratch<acc_t>& s, int64_t t) {
+void normalize(const ShortConvCpuParams& p, const scalar_t* x, const acc_t* norm, const Scratch<acc_t>& s, int64_t t) {
   acc_t sum_sq = 0;
   for (int64_t c = 0; c < p.D; ++c) {
     const auto v = static_cast<acc_t>(x[c]);
@@ -77,7 +77,7 @@ void normalize(const ShortConvParams& p, const scalar_t* x, const acc_t* norm, c
 
 // z_t = sum over taps i of taps[i] * xn_{t - (K - 1 - i) * dilation} (zero before the start).
 template <typename acc_t>
-void convolve(const ShortConvParams& p, const acc_t* taps, const Scratch<acc_t>& s, int64_t t) {
+void convolve(const ShortConvCpuParams& p, const acc_t* taps, const Scratch<acc_t>& s, int64_t t) {
   acc_t* __restrict__ z = s.z;
   for (int64_t c = 0; c < p.D; ++c) {
     z[c] = 0;
@@ -98,7 +98,7 @@ void convolve(const ShortConvParams& p, const acc_t* taps, const Scratch<acc_t>&
 // One (b, g) sequence: its branch's parameters and where its rows are.
 template <typename acc_t>
 struct Sequence {
-  Sequence(const ShortConvParams& p, int64_t task)
+  Sequence(const ShortConvCpuParams& p, int64_t task)
       : b(task / p.G),
         g(task % p.G),
         taps(static_cast<const acc_t*>(p.taps) + g * p.K * p.D),
@@ -115,7 +115,7 @@ struct Sequence {
 
 // fn(scratch, sequence, task) for every sequence, in parallel, each thread on its own scratch.
 template <typename acc_t, typename Fn>
-void for_each_sequence(const ShortConvParams& p, const Fn& fn) {
+void for_each_sequence(const ShortConvCpuParams& p, const Fn& fn) {
   at::parallel_for(0, p.B * p.G, 1, [&](int64_t begin, int64_t end) {
     const auto s = thread_scratch<acc_t>(p);
     for (int64_t task = begin; task < end; ++task) {
@@ -125,7 +125,7 @@ void for_each_sequence(const ShortConvParams& p, const Fn& fn) {
 }
 
 template <typename scalar_t>
-void forward(const ShortConvParams& p) {
+void forward(const ShortConvCpuParams& p) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto* x = static_cast<const scalar_t*>(p.x);
   auto* y = static_cast<scalar_t*>(p.out);
@@ -143,7 +143,7 @@ void forward(const ShortConvParams& p) {
 }
 
 template <typename scalar_t>
-void backward(const ShortConvParams& p) {
+void backward(const ShortConvCpuParams& p) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto* x = static_cast<const scalar_t*>(p.x);
   const auto* gy = static_cast<const scalar_t*>(p.grad_y);
@@ -210,11 +210,11 @@ void backward(const ShortConvParams& p) {
   });
 }
 
-void short_conv_forward(const ShortConvParams& p, c10::ScalarType dtype) {
+void short_conv_forward(const ShortConvCpuParams& p, c10::ScalarType dtype) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "short_conv", [&] { forward<scalar_t>(p); });
 }
 
-void short_conv_backward(const ShortConvParams& p, c10::ScalarType dtype) {
+void short_conv_backward(const ShortConvCpuParams& p, c10::ScalarType dtype) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "short_conv_backward",
                                   [&] { backward<scalar_t>(p); });
 }
