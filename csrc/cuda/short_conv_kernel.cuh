@@ -27,7 +27,8 @@
 namespace retrieval_attention::cuda {
 
 constexpr int kShortConvThreads = 128;
-constexpr int64_t kShortConvTile = 32;  // tokens per tile: the context rows are re-read once per tile
+constexpr int64_t kShortConvTile = 32;          // tokens per tile: the context rows are re-read once per tile
+constexpr int kShortConvBackwardMinBlocks = 4;  // registers up to 128: unbounded, ptxas spills in float64
 
 // Where the value of row q + m * dilation lives, for the tile's tokens q and tap offsets m in
 // [m_lo, m_hi]: one contiguous range of rows while the taps' rows overlap (dilation < tile), else one
@@ -214,7 +215,7 @@ struct BackwardTile {
 };
 
 template <typename scalar_t, bool kResidual>
-__global__ void __launch_bounds__(kShortConvThreads)
+__global__ void __launch_bounds__(kShortConvThreads, kShortConvBackwardMinBlocks)
     short_conv_backward_kernel(const ShortConvParams p, const ShortConvLayout L) {
   using acc_t = at::opmath_type<scalar_t>;
   acc_t* smem = shared_memory<acc_t>();
