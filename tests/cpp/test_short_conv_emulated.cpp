@@ -124,8 +124,8 @@ INSTANTIATE_TEST_SUITE_P(ShortConv, EmulatedShortConv, testing::Values(
     Case{.name = "float16_one_tap", .dtype = at::kHalf, .B = 1, .T = 9, .G = 4, .D = 7, .K = 1, .dilation = 1, .residual = false},
     // Fewer tokens than the context (9 rows).
     Case{.name = "float32_shorter_than_context", .dtype = at::kFloat, .B = 1, .T = 5, .G = 2, .D = 7, .K = 4, .dilation = 3},
-    // Taps further apart than a tile (a range of rows per tap), two tiles per backward block.
-    Case{.name = "float32_wide_dilation", .dtype = at::kFloat, .B = 1, .T = 100, .G = 1, .D = 16, .K = 3, .dilation = 40, .resident_blocks = 2},
+    // Taps further apart than a tile (a range of rows per tap); four tiles over three backward blocks (2, 1, 1).
+    Case{.name = "float32_wide_dilation", .dtype = at::kFloat, .B = 1, .T = 100, .G = 1, .D = 16, .K = 3, .dilation = 40},
     // More columns than threads: some threads own two.
     Case{.name = "float32_d_over_threads", .dtype = at::kFloat, .B = 1, .T = 8, .G = 1, .D = 130, .K = 2, .dilation = 5, .residual = false},
     // A budget that leaves the backward one warp, and one block for both tiles.
