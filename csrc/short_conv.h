@@ -23,6 +23,10 @@ at::Tensor short_conv_cpu(const at::Tensor& x, const at::Tensor& weight, const a
                           int64_t dilation, double eps, bool residual);
 ShortConvGradients short_conv_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
                                            const at::Tensor& norm_weight, int64_t dilation, double eps, bool residual);
+at::Tensor short_conv_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& norm_weight,
+                           int64_t dilation, double eps, bool residual);
+ShortConvGradients short_conv_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                                            const at::Tensor& norm_weight, int64_t dilation, double eps, bool residual);
 
 // retrieval_attention::short_conv through the dispatcher.
 inline at::Tensor call_short_conv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& norm_weight,

@@ -6,7 +6,10 @@ the scalar one (G = 5, odd D = 67), with each block taking more than one row (fo
 than one token (backward): N comes from the SM count. The options: weights both, one (w_q in
 float32 too) or none, residual, mask, no signed square root, h and grad_o one element past a
 16-byte boundary, a gradient for a or none, and a forward without grad. Then ngram_hash on
-contiguous, strided and transposed ids, and empty inputs of both operators.
+contiguous, strided and transposed ids, and empty inputs of both operators. Then short_conv, forward
+and backward, in every dtype (float32 parameters with bfloat16 x too): taps whose rows overlap and taps
+further apart than a tile, a sequence shorter than the context, one tap, odd D and D over a block's
+threads, residual or not, and an empty sequence.
 """
 
 from __future__ import annotations
@@ -28,6 +31,14 @@ NGRAM_VOCAB = 50_000
 NGRAM_TABLE_SIZES = (1009, 2003)  # orders 2 and 3
 NGRAM_HEADS = 4
 NGRAM_BATCH = 16  # with T = N: more than one grid stride of the ngram kernel
+# (B, T, G, D, K, dilation, residual): Engram's taps over several tiles; wide dilation; T < context; K = 1.
+SHORT_CONV_CASES = (
+    (2, 100, 4, 256, 4, 3, True),
+    (1, 90, 2, 67, 3, 40, False),
+    (2, 5, 3, 130, 4, 3, True),
+    (3, 33, 1, 9, 1, 1, False),
+    (2, 0, 2, 16, 4, 3, True),
+)
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,16 @@ def run_ngram_hash(N: int) -> None:
         retrieval_attention.ngram_hash(ids, multipliers, primes, pad_id=0)
 
 
+def run_short_conv(shape: tuple[int, ...], dtype: torch.dtype, param_dtype: torch.dtype) -> None:
+    """One forward and backward; the gradients reach every input."""
+    B, T, G, D, K, dilation, residual = shape
+    x = torch.randn(B, T, G, D, device=DEVICE, dtype=dtype, requires_grad=True)
+    w = (0.5 * torch.randn(G * D, 1, K, device=DEVICE, dtype=param_dtype)).requires_grad_()
+    nw = (1 + 0.1 * torch.randn(G, D, device=DEVICE, dtype=param_dtype)).requires_grad_()
+    y = retrieval_attention.short_conv(x, w, nw, dilation=dilation, residual=residual)
+    y.backward(torch.randn_like(y))
+
+
 def main() -> None:
     torch.manual_seed(0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -116,6 +137,11 @@ def main() -> None:
         print(f"  gate {dtype}: done")
     run_ngram_hash(N)
     print("  ngram_hash: done")
+    for dtype in DTYPES:
+        for shape in SHORT_CONV_CASES:
+            run_short_conv(shape, dtype, dtype)
+        print(f"  short_conv {dtype}: done")
+    run_short_conv(SHORT_CONV_CASES[0], torch.bfloat16, torch.float32)
     torch.cuda.synchronize()
     print("sanitizer case done")
 

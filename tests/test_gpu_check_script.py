@@ -68,6 +68,20 @@ def test_sanitizer_case_reaches_ngram_hash() -> None:
     assert "retrieval_attention.ngram_hash(" in (SCRIPTS / "sanitizer_case.py").read_text()
 
 
+def test_sanitizer_case_runs_short_conv_both_ways(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its short_conv step, pointed at the CPU, runs the forward and the backward of every case."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import sanitizer_case
+
+    monkeypatch.setattr(sanitizer_case, "DEVICE", "cpu")
+    calls = []
+    real = torch.Tensor.backward
+    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: calls.append(self) or real(self, *a, **k))
+    for shape in sanitizer_case.SHORT_CONV_CASES:
+        sanitizer_case.run_short_conv(shape, torch.float32, torch.float32)
+    assert len(calls) == len(sanitizer_case.SHORT_CONV_CASES)
+
+
 PTXAS_LINES = """\
 ptxas info    : Compiling entry function '_Z6kernelIfEvPT_' for 'sm_90'
 ptxas info    : Function properties for _Z6kernelIfEvPT_

@@ -1,4 +1,5 @@
-"""The fused short convolution (docs/block.md) against reference.short_conv, inside PyTorch's machinery."""
+"""The fused short convolution (docs/block.md) against reference.short_conv, inside PyTorch's machinery,
+on every device in conftest.DEVICES (the CUDA cases skip, visibly, without a GPU)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from retrieval_attention import reference
 
 import bad_input
 from bad_input import BadCase
-from conftest import DTYPES
+from conftest import DEVICES, DTYPES, NEEDS_CUDA
 from gate_harness import compute_dtype
 from tolerances import assert_agree, assert_close_to_truth
 
@@ -18,7 +19,9 @@ from tolerances import assert_agree, assert_close_to_truth
 SHAPES = [(2, 13, 3, 20, 4, 3), (1, 5, 2, 7, 4, 3), (3, 2, 1, 9, 3, 2), (1, 9, 4, 33, 1, 1), (2, 17, 1, 16, 5, 1)]
 
 
-def _inputs(shape: tuple[int, ...], dtype: torch.dtype, seed: int, param_dtype: torch.dtype | None = None):
+def _inputs(
+    shape: tuple[int, ...], dtype: torch.dtype, seed: int, param_dtype: torch.dtype | None = None, device: str = "cpu"
+):
     B, T, G, D, K, _ = shape
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(B, T, G, D, generator=gen, dtype=torch.float64)
@@ -26,7 +29,9 @@ def _inputs(shape: tuple[int, ...], dtype: torch.dtype, seed: int, param_dtype: 
     norm_weight = 1 + 0.3 * torch.randn(G, D, generator=gen, dtype=torch.float64)
     grad_y = torch.randn(B, T, G, D, generator=gen, dtype=torch.float64)
     pd = param_dtype or dtype
-    return x.to(dtype), weight.to(pd), norm_weight.to(pd), grad_y.to(dtype)
+    return tuple(
+        t.to(device=device, dtype=d) for t, d in ((x, dtype), (weight, pd), (norm_weight, pd), (grad_y, dtype))
+    )
 
 
 def _run(fn, x, weight, norm_weight, grad_y, **kwargs):
@@ -40,12 +45,15 @@ def _reference(x, weight, norm_weight, *, dilation: int, residual: bool, eps: fl
     return x + out if residual else out
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("residual", [True, False])
-def test_matches_the_reference(dtype: torch.dtype, shape: tuple[int, ...], residual: bool, seed: int) -> None:
+def test_matches_the_reference(
+    device: str, dtype: torch.dtype, shape: tuple[int, ...], residual: bool, seed: int
+) -> None:
     """Output and the three gradients, against the float64 truth, no worse than the reference in the same precision."""
-    x, w, nw, gy = _inputs(shape, dtype, seed)
+    x, w, nw, gy = _inputs(shape, dtype, seed, device=device)
     dilation = shape[-1]
     ours = _run(ra.short_conv, x, w, nw, gy, dilation=dilation, residual=residual)
     same = _run(_reference, *(t.to(compute_dtype(dtype)) for t in (x, w, nw, gy)), dilation=dilation, residual=residual)
@@ -55,8 +63,9 @@ def test_matches_the_reference(dtype: torch.dtype, shape: tuple[int, ...], resid
         assert_close_to_truth(o, t, s, dtype, name)
 
 
-def test_float32_parameters_with_bfloat16_input(seed: int) -> None:
-    x, w, nw, gy = _inputs(SHAPES[0], torch.bfloat16, seed, param_dtype=torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_parameters_with_bfloat16_input(device: str, seed: int) -> None:
+    x, w, nw, gy = _inputs(SHAPES[0], torch.bfloat16, seed, param_dtype=torch.float32, device=device)
     y, gx, gw, gnw = _run(ra.short_conv, x, w, nw, gy, dilation=3)
     truth = _run(_reference, *(t.double() for t in (x, w, nw, gy)), dilation=3, residual=True)
     assert (y.dtype, gx.dtype, gw.dtype, gnw.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32, torch.float32)
@@ -64,8 +73,9 @@ def test_float32_parameters_with_bfloat16_input(seed: int) -> None:
         assert_agree(o, t, name, dtype=torch.bfloat16)
 
 
-def test_non_contiguous_input_gives_the_contiguous_result(seed: int) -> None:
-    x, w, nw, gy = _inputs(SHAPES[0], torch.float64, seed)
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_input_gives_the_contiguous_result(device: str, seed: int) -> None:
+    x, w, nw, gy = _inputs(SHAPES[0], torch.float64, seed, device=device)
     strided = x.transpose(1, 2).contiguous().transpose(1, 2)  # [B, T, G, D] with G outermost in memory
     assert not strided.is_contiguous()
     a = _run(ra.short_conv, x, w, nw, gy, dilation=3)
@@ -74,15 +84,17 @@ def test_non_contiguous_input_gives_the_contiguous_result(seed: int) -> None:
         assert torch.equal(u, v)
 
 
-def test_gradcheck_float64() -> None:
-    x, w, nw, _ = _inputs((2, 7, 2, 5, 3, 2), torch.float64, 3)
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_float64(device: str) -> None:
+    x, w, nw, _ = _inputs((2, 7, 2, 5, 3, 2), torch.float64, 3, device=device)
     for residual in (True, False):
         args = tuple(t.requires_grad_() for t in (x.clone(), w.clone(), nw.clone()))
         assert torch.autograd.gradcheck(lambda *a, r=residual: ra.short_conv(*a, dilation=2, residual=r), args)
 
 
-def test_opcheck() -> None:
-    x, w, nw, gy = _inputs(SHAPES[0], torch.float32, 5)
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device: str) -> None:
+    x, w, nw, gy = _inputs(SHAPES[0], torch.float32, 5, device=device)
     kwargs = {"dilation": 3, "eps": 1e-5, "residual": True}
     torch.library.opcheck(torch.ops.retrieval_attention.short_conv.default, (x.requires_grad_(), w, nw), kwargs)
     torch.library.opcheck(torch.ops.retrieval_attention.short_conv_backward.default, (gy, x.detach(), w, nw), kwargs)
@@ -113,11 +125,47 @@ def test_same_bits_for_any_thread_count(seed: int) -> None:
         assert torch.equal(u, v)
 
 
-def test_empty_sequences_give_zero_parameter_gradients() -> None:
-    x, w, nw, gy = _inputs((2, 0, 3, 4, 4, 3), torch.float32, 0)
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_sequences_give_zero_parameter_gradients(device: str) -> None:
+    x, w, nw, gy = _inputs((2, 0, 3, 4, 4, 3), torch.float32, 0, device=device)
     y, gx, gw, gnw = _run(ra.short_conv, x, w, nw, gy, dilation=3)
     assert y.shape == x.shape and gx.shape == x.shape
     assert not gw.any() and not gnw.any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_bits_every_run(device: str, seed: int) -> None:
+    """The weight gradients are summed in a fixed order (no atomics): two runs agree bit for bit."""
+    x, w, nw, gy = _inputs((4, 75, 3, 24, 4, 3), torch.float32, seed, device=device)
+    for u, v in zip(_run(ra.short_conv, x, w, nw, gy), _run(ra.short_conv, x, w, nw, gy), strict=True):
+        assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(2, 70, 2, 130, 4, 3), (1, 100, 1, 16, 3, 40)], ids=["tiles", "wide-dilation"])
+def test_longer_sequences(device: str, shape: tuple[int, ...], seed: int) -> None:
+    """Sequences over several of the CUDA kernels' tiles, taps further apart than a tile, D over a block's threads."""
+    x, w, nw, gy = _inputs(shape, torch.float64, seed, device=device)
+    ours = _run(ra.short_conv, x, w, nw, gy, dilation=shape[-1])
+    truth = _run(_reference, x, w, nw, gy, dilation=shape[-1], residual=True)
+    for name, o, t in zip(("y", "grad_x", "grad_weight", "grad_norm_weight"), ours, truth, strict=True):
+        assert_agree(o, t, name)
+
+
+def test_cuda_runs_the_kernel_in_a_cuda_build() -> None:
+    """CUDA inputs take the operator (not the PyTorch fallback) exactly when the CUDA kernels are built."""
+    from retrieval_attention import functional
+
+    assert ("cuda" in functional._SHORT_CONV_DEVICES) == ra.build_info()["cuda"]
+    assert {"cpu", "meta"} <= functional._SHORT_CONV_DEVICES
+
+
+@NEEDS_CUDA
+def test_cuda_too_many_taps_names_the_weight() -> None:
+    """More taps than the backward's shared memory holds: an error naming `weight`, not a failed launch."""
+    x = torch.zeros(1, 4, 1, 8, device="cuda")
+    with pytest.raises(ValueError, match="`weight`"):
+        ra.short_conv(x, torch.zeros(8, 1, 4096, device="cuda"), torch.ones(1, 8, device="cuda"), dilation=64)
 
 
 def _conv_call(x: tuple, weight: tuple, norm_weight: tuple, **kwargs):

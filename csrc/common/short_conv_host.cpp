@@ -36,4 +36,41 @@ ShortConvShape check_short_conv(const char* op, const at::Tensor& x, const at::T
   return s;
 }
 
+void check_short_conv_grad(const char* op, const at::Tensor& grad_y, const at::Tensor& x) {
+  TORCH_CHECK_TYPE(grad_y.scalar_type() == x.scalar_type(), op, ": expected `grad_y` to have the dtype of `x` (",
+                   x.scalar_type(), "), but got ", grad_y.scalar_type());
+  TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes(), op, ": expected `grad_y` of the shape of `x` ", x.sizes(),
+                    ", but got ", grad_y.sizes());
+  TORCH_CHECK(grad_y.device() == x.device(), op, ": expected `grad_y` on the device of `x` (", x.device(),
+              "), but got ", grad_y.device());
+}
+
+ShortConvPlan plan_short_conv(const ShortConvShape& s, const at::Tensor& x, const at::Tensor& weight,
+                              const at::Tensor& norm_weight, double eps, bool residual, const at::Tensor& grad_y) {
+  ShortConvPlan pl;
+  auto& p = pl.params;
+  static_cast<ShortConvShape&>(p) = s;
+  p.eps = eps;
+  p.residual = residual;
+  const auto acc = acc_dtype(x.scalar_type());
+  pl.x = x.contiguous();
+  pl.taps = weight.to(acc).reshape({s.G, s.D, s.K}).transpose(1, 2).contiguous();  // [G, K, D]
+  pl.norm = norm_weight.to(acc).contiguous();
+  p.x = pl.x.data_ptr();
+  p.taps = pl.taps.data_ptr();
+  p.norm = pl.norm.data_ptr();
+  if (grad_y.defined()) {
+    pl.grad_y = grad_y.contiguous();
+    p.grad_y = pl.grad_y.data_ptr();
+  }
+  return pl;
+}
+
+ShortConvGradients short_conv_gradients(const at::Tensor& grad_x, const at::Tensor& sums, const ShortConvShape& s,
+                                        const at::Tensor& weight, const at::Tensor& norm_weight) {
+  at::Tensor grad_weight = sums.narrow(1, 0, s.K).transpose(1, 2).reshape({s.G * s.D, 1, s.K}).to(weight.scalar_type());
+  at::Tensor grad_norm = sums.select(1, s.K).to(norm_weight.scalar_type()).contiguous();
+  return {grad_x, grad_weight, grad_norm};
+}
+
 }  // namespace retrieval_attention

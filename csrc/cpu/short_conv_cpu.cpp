@@ -34,33 +34,21 @@ const cpu::ShortConvKernels& kernels() {
   return selected;
 }
 
-// The inputs and options as the kernels read them; the tensors keep the buffers alive.
+// The shared plan, and one scratch row per thread.
 struct Plan {
-  cpu::ShortConvParams params{};
-  at::Tensor x, taps, norm, scratch;
+  cpu::ShortConvCpuParams params{};
+  ShortConvPlan shared;
+  at::Tensor scratch;
 };
 
 Plan plan(const ShortConvShape& s, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& norm_weight,
-          double eps, bool residual) {
+          double eps, bool residual, const at::Tensor& grad_y = at::Tensor()) {
   Plan pl;
+  pl.shared = plan_short_conv(s, x, weight, norm_weight, eps, residual, grad_y);
   auto& p = pl.params;
-  p.B = s.B;
-  p.T = s.T;
-  p.G = s.G;
-  p.D = s.D;
-  p.K = s.K;
-  p.dilation = s.dilation;
-  p.eps = eps;
-  p.residual = residual;
-  const auto acc = acc_dtype(x.scalar_type());
-  pl.x = x.contiguous();
-  pl.taps = weight.to(acc).reshape({s.G, s.D, s.K}).transpose(1, 2).contiguous();  // [G, K, D]
-  pl.norm = norm_weight.to(acc).contiguous();
+  static_cast<ShortConvParams&>(p) = pl.shared.params;
   p.scratch_per_thread = cpu::short_conv_scratch_per_thread(s.D, p.context());
-  pl.scratch = at::empty({at::get_num_threads(), p.scratch_per_thread}, x.options().dtype(acc));
-  p.x = pl.x.data_ptr();
-  p.taps = pl.taps.data_ptr();
-  p.norm = pl.norm.data_ptr();
+  pl.scratch = at::empty({at::get_num_threads(), p.scratch_per_thread}, x.options().dtype(acc_dtype(x.scalar_type())));
   p.scratch = pl.scratch.data_ptr();
   return pl;
 }
@@ -83,22 +71,13 @@ at::Tensor short_conv_cpu(const at::Tensor& x, const at::Tensor& weight, const a
 ShortConvGradients short_conv_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
                                            const at::Tensor& norm_weight, int64_t dilation, double eps, bool residual) {
   const auto s = check_short_conv(kBackwardOp, x, weight, norm_weight, dilation, eps);
-  TORCH_CHECK_TYPE(grad_y.scalar_type() == x.scalar_type(), kBackwardOp,
-                   ": expected `grad_y` to have the dtype of `x` (", x.scalar_type(), "), but got ",
-                   grad_y.scalar_type());
-  TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes(), kBackwardOp, ": expected `grad_y` of the shape of `x` ", x.sizes(),
-                    ", but got ", grad_y.sizes());
-  TORCH_CHECK(grad_y.device() == x.device(), kBackwardOp, ": expected `grad_y` on the device of `x` (", x.device(),
-              "), but got ", grad_y.device());
+  check_short_conv_grad(kBackwardOp, grad_y, x);
   at::Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   if (x.numel() == 0) {
     return {grad_x, at::zeros(weight.sizes(), weight.options()), at::zeros(norm_weight.sizes(), norm_weight.options())};
   }
-  auto pl = plan(s, x, weight, norm_weight, eps, residual);
-  const at::Tensor gy = grad_y.contiguous();
-  const auto acc = acc_dtype(x.scalar_type());
-  at::Tensor partials = at::empty({s.B, s.G, s.K + 1, s.D}, x.options().dtype(acc));
-  pl.params.grad_y = gy.data_ptr();
+  auto pl = plan(s, x, weight, norm_weight, eps, residual, grad_y);
+  at::Tensor partials = at::empty({s.B, s.G, s.K + 1, s.D}, x.options().dtype(acc_dtype(x.scalar_type())));
   pl.params.out = grad_x.data_ptr();
   pl.params.partials = partials.data_ptr();
   kernels().backward(pl.params, x.scalar_type());
@@ -107,10 +86,7 @@ ShortConvGradients short_conv_backward_cpu(const at::Tensor& grad_y, const at::T
   for (int64_t b = 1; b < s.B; ++b) {
     sums.add_(partials[b]);
   }
-  const at::Tensor grad_weight =
-      sums.narrow(1, 0, s.K).transpose(1, 2).reshape({s.G * s.D, 1, s.K}).to(weight.scalar_type());
-  const at::Tensor grad_norm = sums.select(1, s.K).to(norm_weight.scalar_type());
-  return {grad_x, grad_weight, grad_norm.contiguous()};
+  return short_conv_gradients(grad_x, sums, s, weight, norm_weight);
 }
 
 }  // namespace retrieval_attention

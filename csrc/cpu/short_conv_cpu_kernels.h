@@ -4,24 +4,17 @@
 
 #include <c10/core/ScalarType.h>
 
+#include "common/short_conv_params.h"
+
 #include <cstdint>
 
 namespace retrieval_attention::cpu {
 
-struct ShortConvParams {
-  int64_t B, T, G, D, K, dilation;
-  double eps;
-  bool residual;
-  const void* x;       // [B, T, G, D] contiguous
-  const void* grad_y;  // [B, T, G, D] contiguous (backward)
-  void* out;           // y (forward) or grad_x (backward), [B, T, G, D] contiguous
-  const void* taps;    // [G, K, D] acc, tap-major so the loops over D are contiguous
-  const void* norm;    // [G, D] acc
-  void* partials;      // [B * G, K + 1, D] acc (backward): taps' then the norm weight's gradient per sequence
-  void* scratch;       // [threads, scratch_per_thread(...)] acc
+// The shared parameters (common/short_conv_params.h; partials [B * G, K + 1, D]: the taps' then the
+// norm weight's gradient per sequence) and one scratch row per thread.
+struct ShortConvCpuParams : ShortConvParams {
+  void* scratch;  // [threads, scratch_per_thread(...)] acc
   int64_t scratch_per_thread;
-
-  int64_t context() const { return (K - 1) * dilation; }
 };
 
 // Accumulators one thread needs: two rings of context + 1 rows, their 1 / rms, and one row.
@@ -29,7 +22,7 @@ inline int64_t short_conv_scratch_per_thread(int64_t D, int64_t context) {
   return 2 * (context + 1) * D + (context + 1) + D;
 }
 
-using ShortConvKernel = void (*)(const ShortConvParams&, c10::ScalarType);
+using ShortConvKernel = void (*)(const ShortConvCpuParams&, c10::ScalarType);
 
 struct ShortConvKernels {
   ShortConvKernel forward;

@@ -17,6 +17,7 @@
 #include "common/gate_params.h"
 #include "common/static_switch.h"
 #include "cuda/device_utils.cuh"
+#include "cuda/partials_reduce.cuh"
 
 #include <algorithm>
 #include <cstdint>
@@ -252,54 +253,6 @@ __global__ void __launch_bounds__(kMaxBackwardThreads, kBackwardMinBlocks)
   }
 }
 
-constexpr int kReduceColumns = 32;  // column packs of one block
-constexpr int kReduceGroups = 8;    // ranges of partial rows summed side by side, then in order
-constexpr int kReduceThreads = kReduceColumns * kReduceGroups;
-
-// grad_w = the sum over partial rows b, in order: group r sums its contiguous range of rows, then
-// group 0 adds the groups' sums in order. kRVec columns per thread (16 bytes where the size allows).
-template <typename acc_t, int kRVec>
-__global__ void __launch_bounds__(kReduceThreads)
-    weight_grad_reduce_kernel(const acc_t* __restrict__ partials, int64_t num_partials, int64_t size,
-                              acc_t* __restrict__ grad_w) {
-  acc_t* sums = shared_memory<acc_t>();  // [kReduceGroups, kReduceColumns, kRVec]
-  const int column = threadIdx.x % kReduceColumns;
-  const int group = threadIdx.x / kReduceColumns;
-  const int64_t e = (static_cast<int64_t>(blockIdx.x) * kReduceColumns + column) * kRVec;
-  const int64_t per = (num_partials + kReduceGroups - 1) / kReduceGroups;
-  const int64_t b_begin = std::min(num_partials, group * per);
-  const int64_t b_end = std::min(num_partials, b_begin + per);
-  acc_t total[kRVec];
-#pragma unroll
-  for (int i = 0; i < kRVec; ++i) {
-    total[i] = acc_t(0);
-  }
-  if (e < size) {
-#pragma unroll 4
-    for (int64_t b = b_begin; b < b_end; ++b) {
-      acc_t x[kRVec];
-      load_acc(partials + b * size + e, x);
-#pragma unroll
-      for (int i = 0; i < kRVec; ++i) {
-        total[i] += x[i];
-      }
-    }
-  }
-  store_acc(sums + threadIdx.x * kRVec, total);
-  __syncthreads();
-  if (group == 0 && e < size) {
-    for (int r = 1; r < kReduceGroups; ++r) {
-      acc_t x[kRVec];
-      load_acc(sums + (r * kReduceColumns + column) * kRVec, x);
-#pragma unroll
-      for (int i = 0; i < kRVec; ++i) {
-        total[i] += x[i];
-      }
-    }
-    store_acc(grad_w + e, total);
-  }
-}
-
 // Chooses the kernels, their grids and shared memory, allocates the partials through `reserve`
 // (called with their row count), and launches through `launch` (see run_gate_forward).
 template <typename scalar_t, typename Launcher, typename Reserve>
@@ -320,15 +273,8 @@ void run_gate_backward(GateBackwardParams& p, Launcher& launch, Reserve&& reserv
     });
   });
   if (p.grad_w != nullptr) {
-    const int64_t size = p.G * p.D;
-    constexpr int kAccVec = kVectorBytes / sizeof(acc_t);
-    RA_BOOL_SWITCH(size % kAccVec == 0, kVectorizeReduce, [&] {
-      constexpr int kRVec = kVectorizeReduce ? kAccVec : 1;
-      const int64_t blocks = (size / kRVec + kReduceColumns - 1) / kReduceColumns;
-      const size_t bytes = static_cast<size_t>(kReduceThreads) * kRVec * sizeof(acc_t);
-      launch(weight_grad_reduce_kernel<acc_t, kRVec>, blocks, kReduceThreads, bytes,
-             static_cast<const acc_t*>(p.grad_w_partials), p.num_partials, size, static_cast<acc_t*>(p.grad_w));
-    });
+    reduce_partials<acc_t>(launch, static_cast<const acc_t*>(p.grad_w_partials), p.num_partials, p.G * p.D,
+                           static_cast<acc_t*>(p.grad_w));
   }
 }
 

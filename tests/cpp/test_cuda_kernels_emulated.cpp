@@ -8,6 +8,8 @@
 #include <ATen/Dispatch.h>
 #include <gtest/gtest.h>
 
+#include "emulated_checks.h"
+
 #include "cuda_emulator.h"
 // The emulator first: the kernels below compile against it.
 #include "common/gate_host.h"
@@ -23,35 +25,10 @@
 namespace {
 
 using at::Tensor;
+using emulated::expect_close;
 using retrieval_attention::GateBackwardInputs;
 using retrieval_attention::GateInputs;
 using retrieval_attention::GateOptions;
-
-// Largest |got - want| allowed, as a fraction of the largest |want|: the kernels and the CPU
-// kernels sum in different orders, so float32 and below differ by rounding, float64 by far less.
-double tolerance(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kDouble:
-      return 1e-12;
-    case at::kFloat:
-      return 1e-5;
-    case at::kHalf:
-      return 4e-3;
-    default:
-      return 3e-2;  // bfloat16: 8 bits of mantissa
-  }
-}
-
-void expect_close(const std::string& what, const Tensor& got, const Tensor& want, at::ScalarType dtype) {
-  ASSERT_EQ(got.sizes(), want.sizes()) << what;
-  if (want.numel() == 0) {
-    return;
-  }
-  const double scale = std::max(want.abs().max().item<double>(), 1e-30);
-  const double error = (got.to(at::kDouble) - want.to(at::kDouble)).abs().max().item<double>();
-  EXPECT_LE(error, tolerance(dtype) * scale)
-      << what << " (" << dtype << "): max error " << error << ", scale " << scale;
-}
 
 struct Case {
   std::string name;

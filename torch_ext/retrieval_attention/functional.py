@@ -4,6 +4,15 @@ from __future__ import annotations
 
 import torch
 
+# The device types whose dispatch key has a short_conv kernel (CUDA only in a build with CUDA), found
+# once at import: torch.compile then traces a constant test rather than a dispatcher query.
+_SHORT_CONV_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
+_SHORT_CONV_DEVICES = frozenset(
+    device
+    for device, key in _SHORT_CONV_KEYS.items()
+    if torch._C._dispatch_has_kernel_for_dispatch_key("retrieval_attention::short_conv", key)
+)
+
 
 def gate(
     h: torch.Tensor,
@@ -89,9 +98,9 @@ def short_conv(
     Returns:
         ``y`` ``[B, T, G, D]``, contiguous, the dtype of ``x``. Differentiable in ``x``, ``weight``
         and ``norm_weight``; the backward saves only the inputs and recomputes the rest. Runs on the
-        CPU kernel; other devices take the same math in PyTorch ops.
+        CPU and CUDA kernels; other devices (and CUDA in a build without it) take the same math in PyTorch ops.
     """
-    if x.device.type != "cpu":
+    if x.device.type not in _SHORT_CONV_DEVICES:
         return _short_conv_eager(x, weight, norm_weight, dilation=dilation, eps=eps, residual=residual)
     return torch.ops.retrieval_attention.short_conv(
         x, weight, norm_weight, dilation=dilation, eps=eps, residual=residual
@@ -101,7 +110,7 @@ def short_conv(
 def _short_conv_eager(
     x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, *, dilation: int, eps: float, residual: bool
 ) -> torch.Tensor:
-    """short_conv in PyTorch ops, for devices without its kernel (CUDA for now)."""
+    """short_conv in PyTorch ops, for devices without its kernel."""
     B, T, G, D = x.shape
     K = weight.shape[-1]
     xn = torch.nn.functional.rms_norm(x, (D,), None, eps) * norm_weight.to(x.dtype)

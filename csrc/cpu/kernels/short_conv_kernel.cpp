@@ -31,7 +31,7 @@ namespace {
 // One thread's scratch: the normalized rows and the gz rows of the context, 1 / rms, and a row.
 template <typename acc_t>
 struct Scratch {
-  Scratch(const ShortConvParams& p, acc_t* base)
+  Scratch(const ShortConvCpuParams& p, acc_t* base)
       : rows(p.context() + 1), D(p.D), xn(base), gz(xn + rows * D), r(gz + rows * D), gxn(r + rows) {}
   acc_t* xn_row(int64_t t) const { return xn + (t % rows) * D; }
   acc_t* gz_row(int64_t t) const { return gz + (t % rows) * D; }
@@ -41,14 +41,14 @@ struct Scratch {
 };
 
 template <typename acc_t>
-Scratch<acc_t> thread_scratch(const ShortConvParams& p) {
+Scratch<acc_t> thread_scratch(const ShortConvCpuParams& p) {
   return Scratch<acc_t>(p, static_cast<acc_t*>(p.scratch) + at::get_thread_num() * p.scratch_per_thread);
 }
 
 // One (b, g) sequence: its branch's parameters and where its rows are.
 template <typename acc_t>
 struct Sequence {
-  Sequence(const ShortConvParams& p, int64_t task)
+  Sequence(const ShortConvCpuParams& p, int64_t task)
       : b(task / p.G),
         g(task % p.G),
         taps(static_cast<const acc_t*>(p.taps) + g * p.K * p.D),
@@ -65,7 +65,7 @@ struct Sequence {
 
 // fn(scratch, sequence, task) for every sequence, in parallel, each thread on its own scratch.
 template <typename acc_t, typename Fn>
-void for_each_sequence(const ShortConvParams& p, const Fn& fn) {
+void for_each_sequence(const ShortConvCpuParams& p, const Fn& fn) {
   at::parallel_for(0, p.B * p.G, 1, [&](int64_t begin, int64_t end) {
     const auto s = thread_scratch<acc_t>(p);
     for (int64_t task = begin; task < end; ++task) {
@@ -82,7 +82,7 @@ struct ConvRows {
   using Vec = typename L::AccVec;
   using Chunk = typename L::Chunk;
 
-  const ShortConvParams& p;
+  const ShortConvCpuParams& p;
   const Scratch<acc_t>& s;
   const Sequence<acc_t>& seq;
 
@@ -133,7 +133,7 @@ Vec silu_vec(const Vec& z) {
 }
 
 template <typename scalar_t>
-void forward(const ShortConvParams& p) {
+void forward(const ShortConvCpuParams& p) {
   using R = ConvRows<scalar_t>;
   using L = typename R::L;
   using acc_t = typename R::acc_t;
@@ -160,7 +160,7 @@ void forward(const ShortConvParams& p) {
 }
 
 template <typename scalar_t>
-void backward(const ShortConvParams& p) {
+void backward(const ShortConvCpuParams& p) {
   using R = ConvRows<scalar_t>;
   using L = typename R::L;
   using acc_t = typename R::acc_t;
@@ -244,11 +244,11 @@ void backward(const ShortConvParams& p) {
   });
 }
 
-void short_conv_forward(const ShortConvParams& p, c10::ScalarType dtype) {
+void short_conv_forward(const ShortConvCpuParams& p, c10::ScalarType dtype) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "short_conv", [&] { forward<scalar_t>(p); });
 }
 
-void short_conv_backward(const ShortConvParams& p, c10::ScalarType dtype) {
+void short_conv_backward(const ShortConvCpuParams& p, c10::ScalarType dtype) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "short_conv_backward",
                                   [&] { backward<scalar_t>(p); });
 }
