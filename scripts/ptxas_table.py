@@ -17,6 +17,7 @@ from pathlib import Path
 
 ENTRY = re.compile(r"ptxas info\s*: Compiling entry function '([^']+)' for '(sm_\w+)'")
 FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+PROPERTIES = re.compile(r"ptxas info\s*: Function properties for (\S+)")
 USAGE = re.compile(r"ptxas info\s*: Used (\d+) registers")
 SMEM = re.compile(r"(\d+) bytes smem")
 # Prefixes that every kernel of the library shares: they only lengthen the table.
@@ -35,16 +36,25 @@ class Kernel:
 
 
 def parse(lines: list[str]) -> list[Kernel]:
-    """The entry functions in the order ptxas compiled them; the lines after each belong to it."""
+    """The entry functions in the order ptxas compiled them; the lines after each belong to it.
+
+    A stack/spill line belongs to the function named by the "Function properties for" line above
+    it: an out-of-line device function's properties come among its caller's and are not the kernel's.
+    """
     kernels: list[Kernel] = []
+    properties_of = None
     for line in lines:
         if entry := ENTRY.search(line):
             kernels.append(Kernel(entry.group(1), entry.group(2)))
+            properties_of = None
         elif not kernels:
             continue
+        elif props := PROPERTIES.search(line):
+            properties_of = props.group(1)
         elif frame := FRAME.search(line):
             k = kernels[-1]
-            k.stack, k.spill_stores, k.spill_loads = (int(x) for x in frame.groups())
+            if properties_of in (None, k.name):
+                k.stack, k.spill_stores, k.spill_loads = (int(x) for x in frame.groups())
         elif usage := USAGE.search(line):
             kernels[-1].registers = int(usage.group(1))
             smem = SMEM.search(line)

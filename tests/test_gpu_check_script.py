@@ -87,6 +87,9 @@ ptxas info    : Compiling entry function '_Z6kernelIfEvPT_' for 'sm_90'
 ptxas info    : Function properties for _Z6kernelIfEvPT_
     16 bytes stack frame, 16 bytes spill stores, 24 bytes spill loads
 ptxas info    : Used 32 registers, used 1 barriers, 16 bytes cumulative stack size, 48 bytes smem
+ptxas info    : Compile time = 30.000 ms
+ptxas info    : Function properties for _Z6helperv
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas info    : Compiling entry function '_Z5otherv' for 'sm_90'
 ptxas info    : Function properties for _Z5otherv
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
