@@ -203,6 +203,11 @@ void backward_impl(const GateBackwardParams& p) {
                                      ? row_gate<scalar_t, kHasWeight>(p, ptr, n, g)
                                      : RowGate<acc_t>{cast_stats<acc_t>(load_stats(ptr.stats, NG, row)), ptr.a[row]};
             acc_t da = row_dot(ptr.grad_o + n * p.go_stride_n + g * p.go_stride_g, ptr.v + n * p.v_stride_n, D);
+            if constexpr (!kRecomputeStats<scalar_t>) {
+              // Pass 2 walks the block's rows of h and k side by side, more streams than the hardware follows.
+              prefetch_row(ptr.h + n * p.h_stride_n + g * p.h_stride_g, D);
+              prefetch_row(ptr.k + n * p.k_stride_n + g * p.k_stride_g, D);
+            }
             if (ptr.grad_a != nullptr) {
               da += ptr.grad_a[row];
             }
@@ -243,19 +248,20 @@ void backward_impl(const GateBackwardParams& p) {
                 dv_acc[t][i] = at::vec::fmadd(av, gov[i], dv_acc[t][i]);
               }
               const int64_t out = (n * G + g) * D + d;
-              L::store(ptr.grad_h + out, dhv, cnt);
-              L::store(ptr.grad_k + out, dkv, cnt);
+              L::stream(ptr.grad_h + out, dhv, cnt);
+              L::stream(ptr.grad_k + out, dkv, cnt);
             }
             if constexpr (kHasWeight) {
               L::store_acc(dw_part + g * D + d, dwv, cnt);
             }
           }
           for (const auto t : c10::irange(tokens)) {
-            L::store(ptr.grad_v + (n0 + t) * D + d, dv_acc[t], cnt);
+            L::stream(ptr.grad_v + (n0 + t) * D + d, dv_acc[t], cnt);
           }
         });
       }
     }
+    stream_fence();
   });
 
   if constexpr (kHasWeight) {

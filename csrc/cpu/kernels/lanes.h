@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #ifndef CPU_CAPABILITY
@@ -60,6 +61,41 @@ inline Vectorized<float> double_to_float(const Vectorized<double>& lo, const Vec
 #endif
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+template <typename T>
+inline void stream_bytes(void* p, const T& v) {
+  static_assert(sizeof(T) == sizeof(__m512i));
+  __m512i bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  _mm512_stream_si512(static_cast<__m512i*>(p), bits);
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+template <typename T>
+inline void stream_bytes(void* p, const T& v) {
+  static_assert(sizeof(T) == sizeof(__m256i));
+  __m256i bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  _mm256_stream_si256(static_cast<__m256i*>(p), bits);
+}
+#endif
+
+// Asks for a row's cache lines ahead of its use.
+template <typename T>
+inline void prefetch_row(const T* row, int64_t n) {
+  constexpr int64_t kLine = 64;
+  const auto* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += kLine) {
+    __builtin_prefetch(bytes + b);
+  }
+}
+
+// Orders this thread's streaming stores before what follows (they are weakly ordered).
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
 // One vector of scalar_t held as acc_t vectors: as is, or widened to two (half types to float, float to double).
 template <typename scalar_t, typename acc_t_ = at::opmath_type<scalar_t>>
 struct Lanes {
@@ -93,14 +129,30 @@ struct Lanes {
     return c;
   }
 
-  static void store(scalar_t* p, const Chunk& c, int64_t count = kWidth) {
+  // The chunk as one vector of scalar_t.
+  static Vectorized<scalar_t> narrow(const Chunk& c) {
     if constexpr (kReduced) {
-      at::vec::convert_from_float<scalar_t>(c[0], c[1]).store(p, count);
+      return at::vec::convert_from_float<scalar_t>(c[0], c[1]);
     } else if constexpr (kWidened) {
-      double_to_float(c[0], c[1]).store(p, count);
+      return double_to_float(c[0], c[1]);
     } else {
-      c[0].store(p, count);
+      return c[0];
     }
+  }
+
+  static void store(scalar_t* p, const Chunk& c, int64_t count = kWidth) { narrow(c).store(p, count); }
+
+  // A store that bypasses the caches (no read of the line first) for a full, aligned chunk of an
+  // output nothing reads soon; any other chunk stores as usual. Call stream_fence() after the last.
+  static void stream(scalar_t* p, const Chunk& c, int64_t count = kWidth) {
+    const auto v = narrow(c);
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if (count == kWidth && reinterpret_cast<uintptr_t>(p) % sizeof(v) == 0) {
+      stream_bytes(p, v);
+      return;
+    }
+#endif
+    v.store(p, count);
   }
 
   static void store_acc(acc_t* p, const Chunk& c, int64_t count = kWidth) {
