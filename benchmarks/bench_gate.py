@@ -53,6 +53,7 @@ from torch.utils.benchmark import Timer
 
 import retrieval_attention
 from retrieval_attention import reference
+from retrieval_attention._inductor_cache import isolate_inductor_cache
 
 GateFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 IMPLS = ("ours", "eager", "compiled")
@@ -433,6 +434,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
+    isolate_inductor_cache()
     kept = args.device == "cpu" and not args.system_malloc and keep_freed_memory()
     impls: dict[str, GateFn] = {
         "ours": retrieval_attention.gate,

@@ -36,6 +36,7 @@ from bench_gate import keep_freed_memory, median_time
 
 import retrieval_attention as ra
 from retrieval_attention import reference
+from retrieval_attention._inductor_cache import isolate_inductor_cache
 
 GEMM_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear")
 IMPLS = ("demo", "compiled", "ours")
@@ -97,8 +98,8 @@ def saved_mib(step: Callable[[], torch.Tensor], exclude: Sequence[torch.Tensor])
 
 
 def demo_hash(ids: torch.Tensor, ngram: ra.NgramHashEmbedding) -> torch.Tensor:
-    """The demo's hashing (its NumPy math in torch ops), eager in every variant: the demo hashes outside the
-    module's graph (NumPy), and inductor's vectorized int64 code for it indexes out of bounds under AVX2."""
+    """The demo's hashing (its NumPy math in torch ops), eager in every variant: the demo hashes with NumPy,
+    outside any graph torch.compile could capture."""
     return reference.ngram_hash(ids, ngram.multipliers, ngram.primes, pad_id=ngram.hash_pad_id)
 
 
@@ -259,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-chart", action="store_true", help="the table only (no matplotlib)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
+    isolate_inductor_cache()
     if args.device == "cpu":
         keep_freed_memory()
         where = f"CPU, {torch.get_num_threads()} threads; cpu capability {ra.build_info().get('cpu_capability')}; "

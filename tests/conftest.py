@@ -4,31 +4,18 @@ from __future__ import annotations
 
 import os
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
-from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 import retrieval_attention
 from retrieval_attention import NgramHashEmbedding, RetrievalAttention
+from retrieval_attention._inductor_cache import isolate_inductor_cache
 
 from tolerances import WORST
 
-# Inductor's caches tell neither ATEN_CPU_CAPABILITY values nor builds of this library apart: a kernel
-# generated for one vector width computes wrong values under another, and a cached backward calls
-# gate_backward with the argument order of the build it was compiled against. So each capability and
-# each build compiles into its own folder.
-_CAPABILITY = os.environ.get("ATEN_CPU_CAPABILITY", "").lower() or "native"
-_BUILD = zlib.crc32(
-    " ".join(
-        f"{lib}:{lib.stat().st_mtime_ns}" for lib in sorted(Path(retrieval_attention.__file__).parent.glob("*.so"))
-    ).encode()
-)
-os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
-    os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir(), f"capability_{_CAPABILITY}-build_{_BUILD:08x}"
-)
+isolate_inductor_cache()  # before anything compiles: see retrieval_attention/_inductor_cache.py
 
 HAS_CUDA = torch.cuda.is_available()
 NEEDS_CUDA = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine")
