@@ -101,6 +101,11 @@ class ShortConv(nn.Module):
 
     Shapes of ``forward(x)``: ``x`` ``[B, T, G, D]`` in, ``[B, T, G, D]`` out; position t sees
     only positions ``t - i * dilation`` (left padding only).
+
+    Decoding: ``new_state(B)`` is a zero state ``[B, (K - 1) * dilation, G, D]``, the inputs before
+    the sequence; ``forward(x, state=state)`` reads it as the left context of ``x`` and updates it in
+    place to the last ``(K - 1) * dilation`` inputs, so that a prefill and then one token at a time
+    give the outputs of one call over the whole sequence (causal-conv1d's update contract).
     """
 
     def __init__(
@@ -135,9 +140,29 @@ class ShortConv(nn.Module):
         else:  # nn.Conv1d's default initialization
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
-    def forward(self, x: torch.Tensor, *, residual: bool = False) -> torch.Tensor:
-        """``SiLU(z)``, or ``x + SiLU(z)`` with ``residual`` (one fused operator either way)."""
-        return short_conv(x, self.weight, self.norm_weight, dilation=self.dilation, eps=self.eps, residual=residual)
+    @property
+    def context(self) -> int:
+        """Inputs before a position that its output reads: ``(K - 1) * dilation``."""
+        return (self.kernel_size - 1) * self.dilation
+
+    def new_state(self, batch_size: int) -> torch.Tensor:
+        """A fresh decoding state ``[B, (K - 1) * dilation, G, D]``: zeros, which the RMSNorm keeps zero,
+        as the padding before a sequence."""
+        return self.weight.new_zeros(batch_size, self.context, self.num_branches, self.hidden_size)
+
+    def forward(self, x: torch.Tensor, *, residual: bool = False, state: torch.Tensor | None = None) -> torch.Tensor:
+        """``SiLU(z)``, or ``x + SiLU(z)`` with ``residual`` (one fused operator); ``state``: see the class."""
+        if state is None:
+            return short_conv(x, self.weight, self.norm_weight, dilation=self.dilation, eps=self.eps, residual=residual)
+        expected = (x.shape[0], self.context, *x.shape[2:])
+        if state.shape != expected:
+            raise ValueError(f"ShortConv: expected `state` of shape {list(expected)}, but got {list(state.shape)}")
+        ctx = self.context
+        full = torch.cat([state.to(x.dtype), x], dim=1)
+        y = short_conv(full, self.weight, self.norm_weight, dilation=self.dilation, eps=self.eps, residual=residual)
+        with torch.no_grad():
+            state.copy_(full[:, full.shape[1] - ctx :])
+        return y[:, ctx:]
 
     def extra_repr(self) -> str:
         return (
@@ -190,6 +215,11 @@ class RetrievalAttention(nn.Module):
     ``y`` in the shape of ``hidden``; with ``return_gate=True``, ``(y, a)`` with the gate ``a``
     ``[B, T, G]`` (float32).
 
+    Decoding: ``conv_state = block.new_conv_state(B)``, then ``block(hidden, retrieved,
+    conv_state=conv_state)`` for the prompt and for each new token: the state carries the short
+    convolution's left context from call to call and is updated in place, so the outputs equal one
+    call over the whole sequence. The gate has no state: it sees each token alone.
+
     The keys and the value are views into the projection's output: the gate reads them in
     place, with no copy.
     """
@@ -222,6 +252,14 @@ class RetrievalAttention(nn.Module):
             else None
         )
 
+    def new_conv_state(self, batch_size: int) -> torch.Tensor:
+        """A fresh decoding state of the short convolution, ``[B, (K - 1) * dilation, G, D]`` (see ``forward``)."""
+        if self.short_conv is None:
+            raise ValueError(
+                "RetrievalAttention.new_conv_state: this block has no short convolution (short_conv=False)"
+            )
+        return self.short_conv.new_state(batch_size)
+
     def forward(
         self,
         hidden: torch.Tensor,
@@ -229,6 +267,7 @@ class RetrievalAttention(nn.Module):
         mask: torch.Tensor | None = None,
         *,
         return_gate: bool = False,
+        conv_state: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         G, D = self.num_branches, self.hidden_size
         single = hidden.dim() == 3 and G == 1
@@ -247,7 +286,9 @@ class RetrievalAttention(nn.Module):
         v, k = _SplitKV.apply(self.kv_proj(retrieved), G, D)
         y, a = self.gate(h, k, v, mask)
         if self.short_conv is not None:
-            y = self.short_conv(y, residual=True)
+            y = self.short_conv(y, residual=True, state=conv_state)
+        elif conv_state is not None:
+            raise ValueError("RetrievalAttention: `conv_state` was given, but this block has no short convolution")
         if single:
             y = y.squeeze(-2)
         return (y, a) if return_gate else y

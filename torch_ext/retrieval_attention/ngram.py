@@ -277,23 +277,42 @@ class NgramHashEmbedding(nn.Module):
             ids = torch.index_select(self.lookup, 0, ids.flatten()).view(ids.shape)
         return ngram_hash(ids, self.multipliers, self.primes, pad_id=self.hash_pad_id, cu_seqlens=cu_seqlens)
 
-    def forward(self, ids: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None, history: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Embeddings ``[B, T, embed_size]`` of token ids ``[B, T]`` int64.
 
         ``cu_seqlens`` ``[S + 1]``: sequences packed in one row (``ids`` ``[1, T]``), as
         :func:`retrieval_attention.ngram_hash` takes them; each is looked up as it would be alone.
+        ``history`` ``[B, max_n - 1]``: the ids (in the id space of ``ids``) just before ``ids[:, 0]``,
+        for decoding a token at a time; ``pad_id`` where the sequence had not started. None: the
+        sequences start at ``ids[:, 0]``.
         """
+        drop = 0  # leading positions of ids that are history: hashed, not looked up
+        if history is not None:
+            ids, drop = self._with_history(ids, history, cu_seqlens), history.shape[1]
         if self.sharding is not None:
-            return self._sharded_forward(ids, cu_seqlens)
-        return self.embedding(self.hash(ids, cu_seqlens=cu_seqlens) + self.offsets).flatten(-2)
+            return self._sharded_forward(ids, cu_seqlens, drop)
+        return self.embedding(self.hash(ids, cu_seqlens=cu_seqlens)[:, drop:] + self.offsets).flatten(-2)
+
+    def _with_history(self, ids: torch.Tensor, history: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        if cu_seqlens is not None:
+            raise ValueError("NgramHashEmbedding: pass `history` or `cu_seqlens`, not both")
+        expected = (ids.shape[0], self.max_n - 1)
+        if history.dim() != 2 or tuple(history.shape) != expected or history.dtype != ids.dtype:
+            raise ValueError(
+                f"NgramHashEmbedding: expected `history` of shape {list(expected)} and dtype {ids.dtype}, "
+                f"but got {list(history.shape)} {history.dtype}"
+            )
+        return torch.cat([history, ids], dim=1)
 
     @torch.compiler.disable  # data-dependent splits and collectives: the model around it still compiles
-    def _sharded_forward(self, ids: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    def _sharded_forward(self, ids: torch.Tensor, cu_seqlens: torch.Tensor | None, drop: int) -> torch.Tensor:
         # A bad input must reach the other ranks before they wait for this one's rows.
         error = _ids_error(ids, None if self.lookup is None else self.lookup.shape[0])
         rows = torch.empty(0, dtype=torch.int64, device=self.offsets.device)
         if error is None:
-            rows = self.hash(ids, cu_seqlens=cu_seqlens) + self.offsets
+            rows = self.hash(ids, cu_seqlens=cu_seqlens)[:, drop:] + self.offsets
         plan = _sharding.plan_lookup(rows.flatten(), self.sharding, error)
         weight = self.embedding.weight
         found = _sharding.ShardedLookup.apply(weight, plan, self.sharding, self.embedding.sparse)
