@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 
@@ -150,8 +151,21 @@ class ShortConv(nn.Module):
         as the padding before a sequence."""
         return self.weight.new_zeros(batch_size, self.context, self.num_branches, self.hidden_size)
 
-    def forward(self, x: torch.Tensor, *, residual: bool = False, state: torch.Tensor | None = None) -> torch.Tensor:
-        """``SiLU(z)``, or ``x + SiLU(z)`` with ``residual`` (one fused operator); ``state``: see the class."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        residual: bool = False,
+        state: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``SiLU(z)``, or ``x + SiLU(z)`` with ``residual`` (one fused operator); ``state``: see the class.
+
+        ``cu_seqlens`` ``[S + 1]``: sequences packed in one row (``x`` ``[1, T, G, D]``), as flash-attn's
+        varlen API packs them; no position sees across a boundary.
+        """
+        if cu_seqlens is not None:
+            return self._packed(x, residual, state, cu_seqlens)
         if state is None:
             return short_conv(x, self.weight, self.norm_weight, dilation=self.dilation, eps=self.eps, residual=residual)
         expected = (x.shape[0], self.context, *x.shape[2:])
@@ -163,6 +177,23 @@ class ShortConv(nn.Module):
         with torch.no_grad():
             state.copy_(full[:, full.shape[1] - ctx :])
         return y[:, ctx:]
+
+    def _packed(
+        self, x: torch.Tensor, residual: bool, state: torch.Tensor | None, cu_seqlens: torch.Tensor
+    ) -> torch.Tensor:
+        if state is not None:
+            raise ValueError("ShortConv: pass `state` or `cu_seqlens`, not both")
+        bounds = cu_seqlens.tolist()
+        if x.dim() != 4 or x.shape[0] != 1 or not bounds or bounds[0] != 0 or bounds[-1] != x.shape[1]:
+            raise ValueError(
+                f"ShortConv: expected `x` [1, T, G, D] and `cu_seqlens` from 0 to T, but got x {list(x.shape)} "
+                f"and cu_seqlens {bounds}"
+            )
+        if any(b < a for a, b in itertools.pairwise(bounds)):
+            raise ValueError(f"ShortConv: expected `cu_seqlens` never to decrease, but got {bounds}")
+        # One call per sequence: each starts with no left context.
+        parts = [self(x[:, a:b], residual=residual) for a, b in itertools.pairwise(bounds) if b > a]
+        return torch.cat(parts, dim=1) if parts else x.new_empty(x.shape)
 
     def extra_repr(self) -> str:
         return (
@@ -220,6 +251,9 @@ class RetrievalAttention(nn.Module):
     convolution's left context from call to call and is updated in place, so the outputs equal one
     call over the whole sequence. The gate has no state: it sees each token alone.
 
+    Packed sequences: ``cu_seqlens`` ``[S + 1]`` with ``B = 1`` (flash-attn's varlen offsets); the
+    short convolution does not see across a boundary, so each sequence gets what it would alone.
+
     The keys and the value are views into the projection's output: the gate reads them in
     place, with no copy.
     """
@@ -268,6 +302,7 @@ class RetrievalAttention(nn.Module):
         *,
         return_gate: bool = False,
         conv_state: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         G, D = self.num_branches, self.hidden_size
         single = hidden.dim() == 3 and G == 1
@@ -286,7 +321,7 @@ class RetrievalAttention(nn.Module):
         v, k = _SplitKV.apply(self.kv_proj(retrieved), G, D)
         y, a = self.gate(h, k, v, mask)
         if self.short_conv is not None:
-            y = self.short_conv(y, residual=True, state=conv_state)
+            y = self.short_conv(y, residual=True, state=conv_state, cu_seqlens=cu_seqlens)
         elif conv_state is not None:
             raise ValueError("RetrievalAttention: `conv_state` was given, but this block has no short convolution")
         if single:
