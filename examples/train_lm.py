@@ -7,8 +7,10 @@ conditional memory at the chosen layers: hashed 2- and 3-gram embeddings (``Ngra
 let into the residual stream through the fused gate (``RetrievalAttention``), as the official
 demo's ``TransformerBlock`` does (``hidden = engram(hidden, ids) + hidden`` before attention).
 
-It prints loss and tokens/s with a progress bar, writes the loss curves (``loss.png``), the gate
-per token and branch on a few sentences (``gates.png``) and the figures (``summary.json``).
+It prints loss and tokens/s with a progress bar, continues "Harry Potter dropped his" with each
+model through the decode path (keys and values, n-gram history and convolution state carried, a
+byte per call), and writes the loss curves (``loss.png``), the gate per token and branch on a few
+sentences (``gates.png``) and the figures (``summary.json``).
 
     PYTHONPATH=torch_ext python examples/train_lm.py            (or: make demo)
     ... --device cuda --size small --steps 2000 --out build/demo
@@ -40,6 +42,8 @@ from torch import nn
 from retrieval_attention import NgramHashEmbedding, RetrievalAttention
 
 VOCAB = 256  # bytes
+PROMPT = "Harry Potter dropped his"
+SAMPLE_BYTES = 60  # greedy continuation through the decode path, after training
 SENTENCES = [
     "Harry Potter dropped his wand",
     'The simple form, "assert expression", is equivalent to',
@@ -87,10 +91,22 @@ class Engram(nn.Module):
         nn.init.normal_(self.memory.embedding.weight, std=0.02)
         self.block = RetrievalAttention(cfg.dim, self.memory.embed_size, cfg.branches)
 
-    def forward(self, hidden: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def new_cache(self, batch_size: int, device: torch.device) -> dict:
+        """Decoding state: the ids before the next ones (pad_id at the start) and the convolution's state."""
+        history = torch.full((batch_size, self.memory.max_n - 1), self.memory.pad_id, device=device)
+        return {"history": history, "conv": self.block.new_conv_state(batch_size)}
+
+    def forward(
+        self, hidden: torch.Tensor, ids: torch.Tensor, cache: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # Every branch reads the one stream (the demo's mock hyper-connections); their outputs add up.
         h = hidden.unsqueeze(2).expand(-1, -1, self.branches, -1)
-        y, a = self.block(h, self.memory(ids), return_gate=True)
+        if cache is None:
+            y, a = self.block(h, self.memory(ids), return_gate=True)
+        else:  # the decode path: n-grams reach into the history, the convolution into its state
+            e = self.memory(ids, history=cache["history"])
+            y, a = self.block(h, e, return_gate=True, conv_state=cache["conv"])
+            cache["history"] = torch.cat([cache["history"], ids], dim=1)[:, ids.shape[1] :]
         return y.sum(2), a
 
 
@@ -103,10 +119,15 @@ class Layer(nn.Module):
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.mlp = nn.Sequential(nn.Linear(cfg.dim, 4 * cfg.dim), nn.GELU(), nn.Linear(4 * cfg.dim, cfg.dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is not None:  # keys and values of the earlier tokens: a prompt, then one token per call
+            if "k" in cache:
+                assert T == 1, "after the prompt, decode one token per call"
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] == k.shape[2])
         x = x + self.proj(att.transpose(1, 2).reshape(B, T, D))
         return x + self.mlp(self.norm2(x))
 
@@ -124,15 +145,44 @@ class TinyLM(nn.Module):
         torch.manual_seed(seed + 1)
         self.engrams = nn.ModuleDict({str(i): Engram(cfg, i, seed) for i in engram_layers})
 
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        x = self.tok(ids) + self.pos.weight[: ids.shape[1]]
+    def new_cache(self, batch_size: int) -> dict:
+        """What decoding carries from call to call: the position, each layer's keys and values, each Engram's state."""
+        device = self.tok.weight.device
+        engrams = {i: engram.new_cache(batch_size, device) for i, engram in self.engrams.items()}
+        return {"pos": 0, "layers": [{} for _ in self.layers], "engrams": engrams}
+
+    def forward(self, ids: torch.Tensor, cache: dict | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        start = 0 if cache is None else cache["pos"]
+        x = self.tok(ids) + self.pos.weight[start : start + ids.shape[1]]
         gates = {}
         for i, layer in enumerate(self.layers):
             if str(i) in self.engrams:
-                y, gates[i] = self.engrams[str(i)](x, ids)
+                y, gates[i] = self.engrams[str(i)](x, ids, None if cache is None else cache["engrams"][str(i)])
                 x = x + y
-            x = layer(x)
+            x = layer(x, None if cache is None else cache["layers"][i])
+        if cache is not None:
+            cache["pos"] += ids.shape[1]
         return F.linear(self.norm(x), self.tok.weight), gates  # tied output embedding
+
+
+@torch.no_grad()
+def generate(model: TinyLM, prompt: str, steps: int, device: str) -> tuple[str, float]:
+    """Greedy continuation of ``prompt`` through the decode path: the prompt in one call, then a byte per call.
+
+    Returns the text and the decode rate in bytes per second (the prompt's call not counted).
+    """
+    model.eval()
+    cache = model.new_cache(1)
+    ids = torch.tensor([list(prompt.encode())], device=device)
+    logits = model(ids, cache)[0]
+    out, start = [], time.perf_counter()
+    for _ in range(steps):
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        out.append(int(nxt))
+        logits = model(nxt, cache)[0]
+    rate = steps / (time.perf_counter() - start)
+    model.train()
+    return prompt + bytes(out).decode(errors="replace"), rate
 
 
 def load_corpus() -> torch.Tensor:
@@ -378,6 +428,7 @@ def run(args: argparse.Namespace) -> None:
         "engram": train("engram", cfg, engram_layers, args, data),
     }
     gates = gate_values(runs["engram"]["model"], args.device)  # every rank: the lookups exchange rows
+    samples = {label: generate(run_["model"], PROMPT, SAMPLE_BYTES, args.device) for label, run_ in runs.items()}
     if not lead:
         return
     base, mem = runs["baseline"], runs["engram"]
@@ -390,6 +441,8 @@ def run(args: argparse.Namespace) -> None:
     delta = base["val_loss"] - mem["val_loss"]
     verdict = "helps" if delta > 0 else "does not help"
     print(f"the block {verdict}: validation loss {base['val_loss']:.4f} -> {mem['val_loss']:.4f} ({delta:+.4f} nats)")
+    for label, (text, rate) in samples.items():
+        print(f"{label:<10} {rate:>8,.0f} bytes/s decoding: {text!r}")
     plot_losses(runs, args.out / "loss.png")
     plot_gates(gates, mem["model"], args.out / "gates.png")
     summary = {
@@ -401,6 +454,7 @@ def run(args: argparse.Namespace) -> None:
         "runs": {k: {m: v[m] for m in ("params", "train_loss", "val_loss", "tokens_per_s")} for k, v in runs.items()},
         "losses": {k: v["history"]["loss"] for k, v in runs.items()},
         "gates": gates,
+        "samples": {k: {"text": text, "decode_bytes_per_s": rate} for k, (text, rate) in samples.items()},
         "seconds": time.perf_counter() - begin,
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))

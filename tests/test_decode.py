@@ -95,3 +95,27 @@ def test_decode_bad_arguments_name_them() -> None:
         memory(ids, history=torch.zeros(2, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match="`history` or `cu_seqlens`"):
         memory(ids[:1], history=torch.zeros(1, 2, dtype=torch.int64), cu_seqlens=torch.tensor([0, 4]))
+
+
+def test_main_job_decodes_as_its_full_forward() -> None:
+    """The main job's model: a prompt, then a byte per call (keys and values, n-gram history and convolution
+    state carried), gives the logits of one forward over the whole sequence."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import train_lm
+
+    cfg = train_lm.Config(dim=32, layers=2, heads=2, seq=40, ngram_vocab=(97, 101), ngram_heads=2, ngram_dim=16)
+    model = train_lm.TinyLM(cfg, (0, 1), seed=3).double().eval()
+    for engram in model.engrams.values():  # taps and gates away from their start, so every path matters
+        with torch.no_grad():
+            for p in engram.block.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+    ids = torch.randint(0, train_lm.VOCAB, (2, 17), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = model(ids)[0]
+        cache = model.new_cache(2)
+        got = [model(ids[:, :6], cache)[0]] + [model(ids[:, t : t + 1], cache)[0] for t in range(6, 17)]
+    torch.testing.assert_close(torch.cat(got, dim=1), want, rtol=0, atol=DECODE_ATOL)
+    sys.path.remove(str(Path(__file__).resolve().parents[1] / "examples"))
