@@ -132,6 +132,7 @@ bench: build
 	$(RUN) benchmarks/bench_layer.py
 	$(RUN) benchmarks/bench_projection.py
 	$(RUN) benchmarks/bench_sharded.py
+	$(RUN) benchmarks/bench_decode.py
 
 lint: $(ENV_STAMP)
 	@command -v clang-format >/dev/null || \

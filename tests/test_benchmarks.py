@@ -43,3 +43,14 @@ def test_sharded_benchmark_writes_its_table(tmp_path: Path, monkeypatch) -> None
     assert "| 0.0 KiB / 0.0 KiB |" in rows[0]  # one rank owns every row: nothing crosses
     assert "| 0.0 KiB" not in rows[1]
     sys.modules.pop("bench_sharded", None)
+
+
+def test_decode_benchmark_writes_its_table(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_decode
+
+    monkeypatch.setattr(bench_decode, "keep_freed_memory", lambda: False)
+    bench_decode.main(["--batches", "1,3", "--shape", "2x16x16", "--min-time", "0.01", "--out", str(tmp_path)])
+    rows = [line for line in (tmp_path / "decode_cpu.md").read_text().splitlines() if line[:4] in ("| 1 ", "| 3 ")]
+    assert len(rows) == 2
+    sys.modules.pop("bench_decode", None)
