@@ -1,11 +1,13 @@
 """The main job: train a small causal language model with and without the retrieval block.
 
 The corpus is Python's own documentation (the ``pydoc_data`` topics that ship with every
-CPython, about 470 KB), read as bytes: no download, no tokenizer. Two runs share the seed, the
+CPython, about 470 KB), read as bytes: no download, no tokenizer. The runs share the seed, the
 data order, the base model's initial weights and the number of steps; the second adds Engram's
 conditional memory at the chosen layers: hashed 2- and 3-gram embeddings (``NgramHashEmbedding``)
 let into the residual stream through the fused gate (``RetrievalAttention``), as the official
 demo's ``TransformerBlock`` does (``hidden = engram(hidden, ids) + hidden`` before attention).
+The third is plain again, widened until a step takes as long as the second's: does the memory beat
+spending the same compute on a bigger model?
 
 It prints loss and tokens/s with a progress bar, continues "Harry Potter dropped his" with each
 model through the decode path (keys and values, n-gram history and convolution state carried, a
@@ -31,7 +33,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -44,6 +46,9 @@ from retrieval_attention import NgramHashEmbedding, RetrievalAttention
 VOCAB = 256  # bytes
 PROMPT = "Harry Potter dropped his"
 SAMPLE_BYTES = 60  # greedy continuation through the decode path, after training
+CALIBRATION_STEPS = 12  # timed steps per candidate width of the matched run
+WIDTH_STEP = 32  # a multiple of every size's heads
+MAX_WIDTH_FACTOR = 4
 SENTENCES = [
     "Harry Potter dropped his wand",
     'The simple form, "assert expression", is equivalent to',
@@ -236,7 +241,9 @@ def shard_tables(model: TinyLM) -> None:
         engram.memory.load_state_dict(whole.state_dict())
 
 
-def train(label: str, cfg: Config, engram_layers: tuple[int, ...], args: argparse.Namespace, data) -> dict:
+def train(
+    label: str, cfg: Config, engram_layers: tuple[int, ...], args: argparse.Namespace, data, show: bool = True
+) -> dict:
     train_data, val_data = data
     model = TinyLM(cfg, engram_layers, args.seed).to(args.device)
     params = sum(p.numel() for p in model.parameters())  # whole tables, before any sharding
@@ -290,7 +297,7 @@ def train(label: str, cfg: Config, engram_layers: tuple[int, ...], args: argpars
         if step % args.eval_every == 0 or step == args.steps:
             history["val_step"].append(step)
             history["val_loss"].append(evaluate(model, val_data, cfg, args.device))
-        if rank == 0:
+        if rank == 0 and show:
             progress(label, step, args.steps, loss.item(), tokens / elapsed)
     tail = history["loss"][-max(1, args.steps // 10) :]
     return {
@@ -303,6 +310,28 @@ def train(label: str, cfg: Config, engram_layers: tuple[int, ...], args: argpars
     }
 
 
+def matched_width(cfg: Config, engram_layers: tuple[int, ...], args: argparse.Namespace, data) -> int:
+    """The plain model's width whose training step takes as long as the Engram model's.
+
+    Each candidate trains CALIBRATION_STEPS steps, timed as the runs are; widths grow by WIDTH_STEP
+    until a step outlasts the Engram model's, and the closest wins.
+    """
+    short = argparse.Namespace(**{**vars(args), "steps": CALIBRATION_STEPS, "eval_every": CALIBRATION_STEPS})
+
+    def seconds_per_step(c: Config, layers: tuple[int, ...]) -> float:
+        return c.batch * c.seq / train("calibrate", c, layers, short, data, show=False)["tokens_per_s"]
+
+    target = seconds_per_step(cfg, engram_layers)
+    best = (cfg.dim, seconds_per_step(cfg, ()))
+    for dim in range(cfg.dim + WIDTH_STEP, MAX_WIDTH_FACTOR * cfg.dim + 1, WIDTH_STEP):
+        t = seconds_per_step(replace(cfg, dim=dim), ())
+        if abs(t - target) < abs(best[1] - target):
+            best = (dim, t)
+        if t > target:
+            break
+    return best[0]
+
+
 def plot_losses(runs: dict[str, dict], path: Path) -> None:
     import matplotlib
 
@@ -310,7 +339,7 @@ def plot_losses(runs: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for (label, run), color in zip(runs.items(), ("tab:gray", "tab:blue"), strict=True):
+    for (label, run), color in zip(runs.items(), ("tab:gray", "tab:blue", "tab:orange"), strict=False):
         h = run["history"]
         window = max(1, len(h["loss"]) // 50)
         smooth = torch.tensor(h["loss"]).unfold(0, window, 1).mean(1).tolist()
@@ -368,6 +397,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads on CPU (0: torch's default)")
     parser.add_argument("--nproc", type=int, default=1, help="processes: the tables sharded, the rest under DDP")
+    parser.add_argument("--no-matched", action="store_true", help="skip the plain model widened to the same step time")
     parser.add_argument("--out", type=Path, default=Path("build/demo"))
     args = parser.parse_args()
     cfg = SIZES[args.size]
@@ -427,6 +457,10 @@ def run(args: argparse.Namespace) -> None:
         "baseline": train("baseline", cfg, (), args, data),
         "engram": train("engram", cfg, engram_layers, args, data),
     }
+    if world == 1 and not args.no_matched:  # widths timed on several ranks could differ, and DDP needs one model
+        width = matched_width(cfg, engram_layers, args, data)
+        say(f"a plain model {width} wide trains a step in the Engram model's time (it is {cfg.dim} wide)")
+        runs["matched"] = train("matched", replace(cfg, dim=width), (), args, data)
     gates = gate_values(runs["engram"]["model"], args.device)  # every rank: the lookups exchange rows
     samples = {label: generate(run_["model"], PROMPT, SAMPLE_BYTES, args.device) for label, run_ in runs.items()}
     if not lead:
@@ -441,6 +475,13 @@ def run(args: argparse.Namespace) -> None:
     delta = base["val_loss"] - mem["val_loss"]
     verdict = "helps" if delta > 0 else "does not help"
     print(f"the block {verdict}: validation loss {base['val_loss']:.4f} -> {mem['val_loss']:.4f} ({delta:+.4f} nats)")
+    if "matched" in runs:
+        wide = runs["matched"]
+        better = "beats" if mem["val_loss"] < wide["val_loss"] else "does not beat"
+        print(
+            f"the memory {better} the same step time spent on width: validation loss {wide['val_loss']:.4f} "
+            f"(plain, {wide['params']:,} parameters) against {mem['val_loss']:.4f}"
+        )
     for label, (text, rate) in samples.items():
         print(f"{label:<10} {rate:>8,.0f} bytes/s decoding: {text!r}")
     plot_losses(runs, args.out / "loss.png")
