@@ -15,25 +15,24 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
-from bench_gate import keep_freed_memory, median_time
+from bench_gate import add_out_argument, keep_freed_memory, median_time
+from bench_layer import NUM_HEADS, TABLE_ROWS, TOKEN_VOCAB
 
 import retrieval_attention as ra
 
 PROMPT = 32
-VOCAB = 129280  # the demo's tokenizer
 
 
 def bench(B: int, G: int, D: int, De: int, device: str, dtype: torch.dtype, min_time: float) -> float:
     """Seconds per decode call of ``B`` sequences, one token each."""
     torch.manual_seed(0)
     memory = ra.NgramHashEmbedding.from_seed(
-        [12928, 12928], 8, De // 2, token_vocab_size=VOCAB, device=device, dtype=dtype
+        [TABLE_ROWS, TABLE_ROWS], NUM_HEADS, De // 2, token_vocab_size=TOKEN_VOCAB, device=device, dtype=dtype
     )
     block = ra.RetrievalAttention(D, De, G, device=device, dtype=dtype).eval()
-    ids = torch.randint(0, VOCAB, (B, PROMPT + 1), device=device)
+    ids = torch.randint(0, TOKEN_VOCAB, (B, PROMPT + 1), device=device)
     hidden = torch.randn(B, PROMPT + 1, G, D, device=device, dtype=dtype)
     width = memory.max_n - 1
     state = block.new_conv_state(B)
@@ -56,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--min-time", type=float, default=1.0)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     if args.device == "cpu":
         keep_freed_memory()

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_gate import keep_freed_memory, median_time
+from bench_gate import add_out_argument, keep_freed_memory, median_time
 
 import retrieval_attention as ra
 from retrieval_attention import reference
@@ -44,6 +44,7 @@ IMPL_LABELS = {"demo": "demo (eager)", "compiled": "torch.compile(demo)", "ours"
 PHASES = ("fwd", "bwd", "fwd+bwd")
 NUM_HEADS = 8  # hash heads per n-gram order, as the demo
 TOKEN_VOCAB = 129280  # the demo's tokenizer
+TABLE_ROWS = 12928  # per head of each n-gram order: a fiftieth of the demo's 646,400, for a 2-core CPU
 
 
 def demo_block(
@@ -254,11 +255,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--table-rows",
         type=int,
-        default=12928,
+        default=TABLE_ROWS,
         help="table size per head of each n-gram order (the demo: 646,400; default a fiftieth, for a 2-core CPU)",
     )
     parser.add_argument("--no-chart", action="store_true", help="the table only (no matplotlib)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     isolate_inductor_cache()
     if args.device == "cpu":

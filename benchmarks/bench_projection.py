@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_gate import keep_freed_memory, median_time
+from bench_gate import add_out_argument, keep_freed_memory, median_time
 
 LAYOUTS = ("fused", "separate", "batched")
 
@@ -107,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds per blocked_autorange")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     keep_freed_memory()
     header = [

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from bench_gate import add_out_argument
 
 from retrieval_attention import NgramHashEmbedding
 
@@ -68,7 +69,7 @@ def exchanged_bytes(table: NgramHashEmbedding, ids: torch.Tensor, dedup: bool) -
     sh = table.sharding
     rows = (table.hash(ids) + table.offsets).flatten()
     asked = torch.unique(rows) if dedup else rows
-    off_rank = int((torch.div(asked, sh.block, rounding_mode="floor") != sh.rank).sum())
+    off_rank = int((sh.owners(asked) != sh.rank).sum())
     row_bytes = table.embedding.weight.shape[1] * table.embedding.weight.element_size()
     # Each off-rank id crosses once (8 bytes), its row comes back once, and its gradient goes home once;
     # by symmetry of the exchange, what a rank receives in rows it sends as gradients.
@@ -136,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=16, help="global batch (sequences of the main job's length)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--table-scale", type=float, default=1.0, help="multiplies the main job's table rows")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     cfg = Config()
     torch.set_num_threads(1)

@@ -332,7 +332,7 @@ def _ids_error(ids: torch.Tensor, vocab: int | None) -> str | None:
         return f"NgramHashEmbedding: expected `ids` [B, T] int64, but got {list(ids.shape)} {ids.dtype}"
     if ids.numel() == 0:
         return None
-    low, high = int(ids.min()), int(ids.max())
+    low, high = (int(x) for x in torch.aminmax(ids))
     if low < 0 or (vocab is not None and high >= vocab):
         bound = "" if vocab is None else f" and < {vocab} (the lookup's size)"
         return f"NgramHashEmbedding: expected `ids` >= 0{bound}, but got ids in [{low}, {high}]"

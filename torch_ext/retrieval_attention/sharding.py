@@ -42,6 +42,10 @@ class RowSharding:
         start, end = self.owned(self.rank)
         return end - start
 
+    def owners(self, rows: torch.Tensor) -> torch.Tensor:
+        """The rank that owns each global row id."""
+        return torch.div(rows, self.block, rounding_mode="floor")
+
 
 def row_sharding(rows: int, group: dist.ProcessGroup) -> RowSharding:
     world_size = dist.get_world_size(group)
@@ -63,7 +67,8 @@ def agree(sharding: RowSharding, facts: dict[str, object], what: str) -> None:
 
 @dataclass
 class _Plan:
-    """One lookup's exchange: the unique row ids, where each token's row is among them, and the splits."""
+    """One lookup's exchange: where each token's row is among the unique ones, the rows asked of this rank,
+    and the splits."""
 
     inverse: torch.Tensor  # [M] index into the unique ids
     unique_count: int
@@ -90,7 +95,7 @@ def plan_lookup(rows: torch.Tensor, sharding: RowSharding, error: str | None) ->
     if error is not None:
         rows = rows.new_empty(0)
     unique, inverse = torch.unique(rows, sorted=True, return_inverse=True)
-    owners = torch.div(unique, sharding.block, rounding_mode="floor")
+    owners = sharding.owners(unique)
     message = torch.zeros(W, 2, dtype=torch.int64, device=rows.device)
     message[:, _COUNT] = torch.bincount(owners, minlength=W)
     message[:, _BAD] = int(error is not None)

@@ -61,21 +61,22 @@ inline Vectorized<float> double_to_float(const Vectorized<double>& lo, const Vec
 #endif
 }
 
+// The widest vector word and its streaming store, where the capability has one.
 #if defined(CPU_CAPABILITY_AVX512)
-template <typename T>
-inline void stream_bytes(void* p, const T& v) {
-  static_assert(sizeof(T) == sizeof(__m512i));
-  __m512i bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  _mm512_stream_si512(static_cast<__m512i*>(p), bits);
-}
+using StreamWord = __m512i;
+inline void stream_word(StreamWord* p, StreamWord w) { _mm512_stream_si512(p, w); }
 #elif defined(CPU_CAPABILITY_AVX2)
+using StreamWord = __m256i;
+inline void stream_word(StreamWord* p, StreamWord w) { _mm256_stream_si256(p, w); }
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 template <typename T>
 inline void stream_bytes(void* p, const T& v) {
-  static_assert(sizeof(T) == sizeof(__m256i));
-  __m256i bits;
+  static_assert(sizeof(T) == sizeof(StreamWord));
+  StreamWord bits;
   std::memcpy(&bits, &v, sizeof(bits));
-  _mm256_stream_si256(static_cast<__m256i*>(p), bits);
+  stream_word(static_cast<StreamWord*>(p), bits);
 }
 #endif
 
