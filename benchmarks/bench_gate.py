@@ -42,7 +42,9 @@ import argparse
 import csv
 import ctypes
 import os
+import statistics
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,6 +175,29 @@ def median_time(fn: Callable[[], object], threads: int, min_run_time: float, war
         fn()
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
     return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], min_run_time: float, device: str = "cpu", warmup: int = 3, min_rounds: int = 7
+) -> dict[str, float]:
+    """Median seconds per call of each of ``fns``, timed in rounds of one call each.
+
+    A machine whose speed drifts (a shared VM's GEMM throughput moves by 10% from minute to minute)
+    then slows every implementation alike, so the ratios hold where back-to-back timing would not.
+    """
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    while len(samples[next(iter(fns))]) < min_rounds or sum(map(sum, samples.values())) < min_run_time * len(fns):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def keep_freed_memory() -> bool:

@@ -1,6 +1,6 @@
 """Benchmark the Engram layer as users run it, against the official Engram demo's math.
 
-Three implementations of the layer (n-gram hashing, table lookup, projection, gate, short
+Four implementations of the layer (n-gram hashing, table lookup, projection, gate, short
 convolution; docs/ngram.md and docs/block.md), side by side:
 
 * ``demo``      the demo's ``Engram`` forward rebuilt in plain PyTorch from its published math: the
@@ -8,10 +8,13 @@ convolution; docs/ngram.md and docs/block.md), side by side:
                 value projection and one key projection per branch, per-branch RMSNorms, the signed
                 square root gate, then ``o + ShortConv(o)`` in eager ops;
 * ``compiled``  ``torch.compile`` of that after the hashing (the demo hashes in NumPy, outside its graph);
-* ``ours``      ``NgramHashEmbedding`` then ``RetrievalAttention``: the hashing operator, one fused
-                projection, the fused gate and the fused short convolution.
+* ``ours``      ``NgramHashEmbedding`` then ``RetrievalAttention``: the hashing operator, the
+                projection operator (float32 on the CPU: oneDNN's product), the fused gate and the
+                fused short convolution;
+* ``ours_aten`` the same with the projection in PyTorch's own product (MKL on the CPU), to show
+                what the other kernels gain apart from the GEMM.
 
-All three share one set of parameters, the table included (dense gradients, as the demo's
+All share one set of parameters, the table included (dense gradients, as the demo's
 ``nn.Embedding``). For each case it reports the median time of the forward, of the backward alone
 (gradients of the hidden state and of every parameter, the graph kept) and of forward+backward,
 the speedups, the share of ours spent in the projection's matrix products (profiler), and the
@@ -32,15 +35,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_gate import add_out_argument, keep_freed_memory, median_time
+from bench_gate import add_out_argument, interleaved_medians, keep_freed_memory
 
 import retrieval_attention as ra
+from retrieval_attention import _linear as ra_linear
 from retrieval_attention import reference
 from retrieval_attention._inductor_cache import isolate_inductor_cache
 
-GEMM_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear")
-IMPLS = ("demo", "compiled", "ours")
-IMPL_LABELS = {"demo": "demo (eager)", "compiled": "torch.compile(demo)", "ours": "ours"}
+GEMM_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear", "mkldnn::_linear_pointwise")
+IMPLS = ("demo", "compiled", "ours", "ours_aten")
+IMPL_LABELS = {
+    "demo": "demo (eager)",
+    "compiled": "torch.compile(demo)",
+    "ours": "ours",
+    "ours_aten": "ours, ATen's GEMM",
+}
 PHASES = ("fwd", "bwd", "fwd+bwd")
 NUM_HEADS = 8  # hash heads per n-gram order, as the demo
 TOKEN_VOCAB = 129280  # the demo's tokenizer
@@ -63,6 +72,16 @@ def demo_block(
         outs.append(s.sigmoid().unsqueeze(-1) * v)
     o = torch.stack(outs, dim=2)
     return o + ra.reference.short_conv(o, params["conv"], params["conv_norm"], dilation=3, eps=1e-5)
+
+
+def aten_gemm(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """fn() with the block's projection in PyTorch's own product (MKL on the CPU) instead of the
+    linear operator's oneDNN: what the block's other kernels gain, apart from the GEMM."""
+    ra_linear.use_operator = False
+    try:
+        return fn()
+    finally:
+        ra_linear.use_operator = True
 
 
 def demo_params(block: ra.RetrievalAttention) -> dict[str, torch.Tensor]:
@@ -158,37 +177,42 @@ def bench_case(spec: str, device: str, min_time: float, table_rows: int) -> list
         "demo": [hidden, *params.values()],
         "compiled": [hidden, *params.values()],
         "ours": [hidden, *ours_params],
+        "ours_aten": [hidden, *ours_params],
     }
     forward = {
         "demo": lambda: demo_layer(demo_hash(ids, ngram), hidden, params, ngram.offsets, eps),
         "compiled": lambda: compiled(demo_hash(ids, ngram), hidden, params, ngram.offsets, eps),
         "ours": lambda: block(hidden, ngram(ids)),
+        "ours_aten": lambda: aten_gemm(lambda: block(hidden, ngram(ids))),
     }
     y = forward["ours"]().detach()
     # The same layer: the demo's eager ops round at every op, so bfloat16 agrees only to its own precision.
     tol = 1e-3 if dtype == torch.float32 else 1e-1
     torch.testing.assert_close(forward["demo"]().detach(), y, rtol=tol, atol=tol)
     grad_y = torch.randn_like(y)
-    threads = torch.get_num_threads()
-    times: dict[str, dict[str, float]] = {}
-    saved: dict[str, float] = {}
-    share: dict[str, float] = {}
+    steps: dict[str, dict[str, Callable[[], object]]] = {}
+    outs = {}
     for name in IMPLS:
         fwd = forward[name]
-        out = fwd()
+        outs[name] = fwd()
 
-        def bwd(out=out, name=name) -> object:
+        def bwd(out=outs[name], name=name) -> object:
             return torch.autograd.grad(out, leaves[name], grad_y, retain_graph=True)
 
         def fwd_bwd(fwd=fwd, name=name) -> object:
             return torch.autograd.grad(fwd(), leaves[name], grad_y)
 
-        steps = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
-        times[name] = {phase: median_time(step, threads, min_time) for phase, step in steps.items()}
-        if name == "ours":
-            share = {phase: profile_share(step, device) for phase, step in steps.items()}
-        del out
-        saved[name] = saved_mib(fwd, leaves[name])
+        steps[name] = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+    # The three in turn, call by call: the machine's drift then slows all of them alike.
+    times = {name: {} for name in IMPLS}
+    for phase in PHASES:
+        medians = interleaved_medians({name: steps[name][phase] for name in IMPLS}, min_time, device)
+        for name in IMPLS:
+            times[name][phase] = medians[name]
+    share = {phase: profile_share(step, device) for phase, step in steps["ours"].items()}
+    outs.clear()
+    saved = {name: saved_mib(forward[name], leaves[name]) for name in IMPLS}
+    for name in IMPLS:
         ms = ", ".join(f"{phase} {seconds * 1e3:.2f} ms" for phase, seconds in times[name].items())
         print(f"  [{spec}] {name}: {ms}, saved {saved[name]:.1f} MiB", file=sys.stderr)
     return [
@@ -207,7 +231,8 @@ def table_row(r: dict[str, object]) -> str:
     return (
         f"| {r['case']} | {r['phase']} | "
         + " | ".join(f"{r[n] * 1e3:.2f} ms" for n in IMPLS)
-        + f" | {r['demo'] / r['ours']:.2f}x | {r['compiled'] / r['ours']:.2f}x | {100 * r['gemm_share']:.0f}% | "
+        + f" | {r['demo'] / r['ours']:.2f}x | {r['compiled'] / r['ours']:.2f}x | {r['compiled'] / r['ours_aten']:.2f}x"
+        + f" | {100 * r['gemm_share']:.0f}% | "
         + (" / ".join(f"{r['saved'][n]:.1f}" for n in IMPLS) if r["phase"] == "fwd" else "")
         + " |"
     )
@@ -271,9 +296,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     header = [
         f"# layer benchmark ({args.device})\n\n{where}; torch {torch.__version__}; "
         f"2-gram and 3-gram tables, {NUM_HEADS} heads of {args.table_rows} rows (the next primes) each.\n",
-        "| case BxTxGxDxDe | phase | demo | compiled demo | ours | demo/ours | compiled/ours | GEMM share of ours "
-        "| saved MiB demo / compiled / ours |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| case BxTxGxDxDe | phase | demo | compiled demo | ours | ours, ATen's GEMM | demo/ours | compiled/ours "
+        "| compiled/ours with ATen's GEMM | GEMM share of ours "
+        "| saved MiB demo / compiled / ours / ours, ATen's GEMM |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"layer_{args.device}"

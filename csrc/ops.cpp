@@ -32,6 +32,11 @@ TORCH_LIBRARY(retrieval_attention, m) {
   m.def(
       "short_conv_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor norm_weight, *, int dilation=3, "
       "float eps=1e-05, bool residual=True) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_norm_weight)");
+  // docs/block.md: the projection y = x @ weight^T + bias (csrc/linear.h; the CPU's float32 product in oneDNN).
+  m.def("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  m.def(
+      "linear_backward(Tensor grad_y, Tensor x, Tensor weight, bool[3] output_mask) -> (Tensor grad_x, "
+      "Tensor grad_weight, Tensor grad_bias)");
   // docs/ngram.md: hashed n-gram ids [B, T, (max_n - 1) * H] of token ids [B, T]; integer, so no autograd.
   m.def("ngram_hash(Tensor ids, Tensor multipliers, Tensor primes, *, int pad_id, Tensor? cu_seqlens=None) -> Tensor");
 }

@@ -180,7 +180,11 @@ def _model_inputs(B: int, T: int, seed: int = 0) -> tuple[torch.Tensor, torch.Te
     return torch.randint(0, V, (B, T), generator=g), torch.randn(B, T, G, D, generator=g)
 
 
-FUSED_OPS = {"retrieval_attention.gate.default", "retrieval_attention.ngram_hash.default"}
+FUSED_OPS = {
+    "retrieval_attention.gate.default",
+    "retrieval_attention.ngram_hash.default",
+    "retrieval_attention.linear.default",
+}
 
 
 def _fused_ops(program: torch.export.ExportedProgram) -> set[str]:

@@ -47,7 +47,7 @@ Plan plan(const ShortConvShape& s, const at::Tensor& x, const at::Tensor& weight
   pl.shared = plan_short_conv(s, x, weight, norm_weight, eps, residual, grad_y);
   auto& p = pl.params;
   static_cast<ShortConvParams&>(p) = pl.shared.params;
-  p.scratch_per_thread = cpu::short_conv_scratch_per_thread(s.D, p.context());
+  p.scratch_per_thread = cpu::short_conv_scratch_per_thread(s.D, s.K, p.context());
   pl.scratch = at::empty({at::get_num_threads(), p.scratch_per_thread}, x.options().dtype(acc_dtype(x.scalar_type())));
   p.scratch = pl.scratch.data_ptr();
   return pl;

@@ -17,9 +17,18 @@ struct ShortConvCpuParams : ShortConvParams {
   int64_t scratch_per_thread;
 };
 
-// Accumulators one thread needs: two rings of context + 1 rows, their 1 / rms, and one row.
-inline int64_t short_conv_scratch_per_thread(int64_t D, int64_t context) {
-  return 2 * (context + 1) * D + (context + 1) + D;
+// A scratch row's stride: D plus a cache line or more, so that rows a page apart do not alias (a
+// store to one row stalls the loads of the same column in the rows after it when they are 4 KiB apart).
+inline int64_t short_conv_scratch_pitch(int64_t D) {
+  constexpr int64_t kPad = 32;  // elements: 128 bytes of float, 256 of double
+  return D + kPad;
+}
+
+// Accumulators one thread needs: two rings of context + 1 rows, their 1 / rms, one row, and the
+// K + 1 rows of one sequence's weight gradients.
+inline int64_t short_conv_scratch_per_thread(int64_t D, int64_t K, int64_t context) {
+  const int64_t pitch = short_conv_scratch_pitch(D);
+  return 2 * (context + 1) * pitch + (context + 1) + pitch + (K + 1) * pitch;
 }
 
 using ShortConvKernel = void (*)(const ShortConvCpuParams&, c10::ScalarType);

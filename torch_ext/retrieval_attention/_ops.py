@@ -82,3 +82,22 @@ def _short_conv_backward_fake(
     grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, **options: object
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x.new_empty(x.shape), weight.new_empty(weight.shape), norm_weight.new_empty(norm_weight.shape)
+
+
+@torch.library.register_fake("retrieval_attention::linear")
+def _linear_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("retrieval_attention::linear_backward")
+def _linear_backward_fake(
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, output_mask: list[bool]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def grad(needed: bool, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return like.new_empty(shape if needed else (0,))
+
+    return (
+        grad(output_mask[0], x, x.shape),
+        grad(output_mask[1], weight, weight.shape),
+        grad(output_mask[2], weight, weight.shape[:1]),
+    )

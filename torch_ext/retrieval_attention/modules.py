@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ._linear import Linear
 from .functional import gate, short_conv
 
 
@@ -278,7 +279,7 @@ class RetrievalAttention(nn.Module):
         self.embed_size = embed_size
         self.num_branches = num_branches
         # Rows 0..D-1 are W_V, then W_K of branch 0..G-1, so one matrix product gives v and every k.
-        self.kv_proj = nn.Linear(embed_size, (num_branches + 1) * hidden_size, **factory)
+        self.kv_proj = Linear(embed_size, (num_branches + 1) * hidden_size, **factory)
         self.gate = RetrievalGate(hidden_size, num_branches, eps, residual=not short_conv, **factory)
         self.short_conv = (
             ShortConv(hidden_size, num_branches, conv_kernel_size, conv_dilation, conv_eps, **factory)

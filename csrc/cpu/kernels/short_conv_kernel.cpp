@@ -28,16 +28,24 @@
 namespace retrieval_attention::cpu::CPU_CAPABILITY {
 namespace {
 
-// One thread's scratch: the normalized rows and the gz rows of the context, 1 / rms, and a row.
+// One thread's scratch: the normalized rows and the gz rows of the context, 1 / rms, a row, and
+// the weight gradients of the sequence at hand (K tap rows, then the norm's); rows `pitch` apart.
 template <typename acc_t>
 struct Scratch {
   Scratch(const ShortConvCpuParams& p, acc_t* base)
-      : rows(p.context() + 1), D(p.D), xn(base), gz(xn + rows * D), r(gz + rows * D), gxn(r + rows) {}
-  acc_t* xn_row(int64_t t) const { return xn + (t % rows) * D; }
-  acc_t* gz_row(int64_t t) const { return gz + (t % rows) * D; }
+      : rows(p.context() + 1),
+        pitch(short_conv_scratch_pitch(p.D)),
+        xn(base),
+        gz(xn + rows * pitch),
+        r(gz + rows * pitch),
+        gxn(r + rows),
+        gw(gxn + pitch) {}
+  acc_t* xn_row(int64_t t) const { return xn + (t % rows) * pitch; }
+  acc_t* gz_row(int64_t t) const { return gz + (t % rows) * pitch; }
   acc_t& inv_rms(int64_t t) const { return r[t % rows]; }
-  int64_t rows, D;
-  acc_t *xn, *gz, *r, *gxn;
+  acc_t* gw_row(int64_t k) const { return gw + k * pitch; }
+  int64_t rows, pitch;
+  acc_t *xn, *gz, *r, *gxn, *gw;
 };
 
 template <typename acc_t>
@@ -143,6 +151,9 @@ void forward(const ShortConvCpuParams& p) {
     const R rows{p, s, seq};
     for (int64_t t = 0; t < p.T; ++t) {
       const int64_t offset = seq.offset(t);
+      if (t + 1 < p.T) {
+        prefetch_row(x + seq.offset(t + 1), p.D);  // rows G * D apart: each a new page the hardware does not follow
+      }
       const acc_t r = rows.normalize_stat(x + offset, t);
       for_each_chunk<L::kWidth>(p.D, [&](int64_t d, int64_t n) {
         const auto xv = L::load(x + offset + d, n);
@@ -172,12 +183,17 @@ void backward(const ShortConvCpuParams& p) {
   const int64_t ctx = p.context();
   for_each_sequence<acc_t>(p, [&](const Scratch<acc_t>& s, const Sequence<acc_t>& seq, int64_t task) {
     const R rows{p, s, seq};
-    acc_t* gtaps = static_cast<acc_t*>(p.partials) + task * (p.K + 1) * p.D;  // [K, D], then the norm's [D]
-    acc_t* gnorm = gtaps + p.K * p.D;
-    std::fill_n(gtaps, (p.K + 1) * p.D, acc_t(0));
+    for (int64_t k = 0; k <= p.K; ++k) {
+      std::fill_n(s.gw_row(k), p.D, acc_t(0));
+    }
+    acc_t* gnorm = s.gw_row(p.K);
     for (int64_t t = 0; t < p.T + ctx; ++t) {
       if (t < p.T) {
         const int64_t offset = seq.offset(t);
+        if (t + 1 < p.T) {
+          prefetch_row(x + seq.offset(t + 1), p.D);
+          prefetch_row(gy + seq.offset(t + 1), p.D);
+        }
         const acc_t r = rows.normalize_stat(x + offset, t);
         for_each_chunk<L::kWidth>(p.D, [&](int64_t d, int64_t n) {
           auto z = rows.convolve(L::load(x + offset + d, n), r, t, d, n);
@@ -204,12 +220,12 @@ void backward(const ShortConvCpuParams& p) {
         for (int64_t k = 0; k < p.K; ++k) {
           const auto gz = L::load_acc(s.gz_row(q + (p.K - 1 - k) * p.dilation) + d, n);
           const auto tv = L::load_acc(seq.taps + k * p.D + d, n);
-          auto gt = L::load_acc(gtaps + k * p.D + d, n);
+          auto gt = L::load_acc(s.gw_row(k) + d, n);
           for (const auto i : c10::irange(L::kVecs)) {
             gxn[i] = at::vec::fmadd(tv[i], gz[i], gxn[i]);
             gt[i] = at::vec::fmadd(gz[i], xn[i], gt[i]);
           }
-          L::store_acc(gtaps + k * p.D + d, gt, n);
+          L::store_acc(s.gw_row(k) + d, gt, n);
         }
         const auto xv = L::load(x + offset + d, n);
         const auto nv = L::load_acc(seq.norm + d, n);
@@ -240,6 +256,10 @@ void backward(const ShortConvCpuParams& p) {
         }
         L::store(gx + offset + d, dx, n);
       });
+    }
+    acc_t* partial = static_cast<acc_t*>(p.partials) + task * (p.K + 1) * p.D;  // [K, D], then the norm's [D]
+    for (int64_t k = 0; k <= p.K; ++k) {
+      std::copy_n(s.gw_row(k), p.D, partial + k * p.D);
     }
   });
 }
