@@ -276,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="comma list of BxTxGxDxDe:dtype (default: the demo's shapes scaled to a 2-core CPU)",
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--min-time", type=float, default=1.0, help="seconds per blocked_autorange")
+    parser.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per implementation and phase")
     parser.add_argument(
         "--table-rows",
         type=int,

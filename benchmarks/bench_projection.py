@@ -1,16 +1,18 @@
 """Benchmark the block's projection layouts: which matrix products feed the gate fastest.
 
 The block projects the retrieved embedding ``e`` ``[N, D_e]`` to the value ``v`` ``[N, D]`` and
-one key per branch ``k`` ``[N, G, D]`` (docs/block.md). Three layouts of the same arithmetic:
+one key per branch ``k`` ``[N, G, D]`` (docs/block.md). Four ways to the same arithmetic:
 
-* ``fused``     one ``F.linear`` to ``[N, (G + 1) * D]``; v and k are strided views of it (the block's way);
+* ``operator``  the block's: the ``linear`` operator to ``[N, (G + 1) * D]`` (float32 on the CPU:
+                oneDNN's product), v and k strided views of it;
+* ``fused``     the same layout in ``F.linear`` (PyTorch's product: MKL on the CPU);
 * ``separate``  ``G + 1`` ``F.linear`` of ``[D, D_e]`` each, as the demo; k is then stacked into ``[N, G, D]``;
 * ``batched``   one ``baddbmm`` to ``[G + 1, N, D]``; k is ``out[1:]`` seen as ``[N, G, D]`` (the gate
                 reads any row strides).
 
 For each it times the forward (the products and whatever makes k) and forward+backward (the
-gradients of ``e`` and of the weights), median of ``blocked_autorange``. Results go to stdout and
-``<out>/projection_<device>.md``.
+gradients of ``e`` and of the weights), the four in interleaved rounds (bench_gate.interleaved_medians).
+Results go to stdout and ``<out>/projection_<device>.md``.
 
     PYTHONPATH=torch_ext python benchmarks/bench_projection.py
     PYTHONPATH=torch_ext python benchmarks/bench_projection.py --cases 8192x4x4096x1024:bfloat16 --device cuda
@@ -23,9 +25,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from bench_gate import add_out_argument, keep_freed_memory, median_time
+from bench_gate import add_out_argument, interleaved_medians, keep_freed_memory
 
-LAYOUTS = ("fused", "separate", "batched")
+from retrieval_attention._linear import linear
+
+LAYOUTS = ("operator", "fused", "separate", "batched")
 
 
 def projections(
@@ -35,6 +39,10 @@ def projections(
     w_parts, b_parts = weight.split(D), bias.split(D)
     w_batched = weight.unflatten(0, (G + 1, D)).transpose(1, 2)  # [G + 1, D_e, D]
     b_batched = bias.unflatten(0, (G + 1, 1, D))
+
+    def operator() -> tuple[torch.Tensor, torch.Tensor]:
+        kv = linear(e, weight, bias)
+        return kv[:, :D], kv[:, D:].unflatten(-1, (G, D))
 
     def fused() -> tuple[torch.Tensor, torch.Tensor]:
         kv = F.linear(e, weight, bias)
@@ -48,7 +56,7 @@ def projections(
         out = torch.baddbmm(b_batched, e.expand(G + 1, *e.shape), w_batched)
         return out[0], out[1:].transpose(0, 1)
 
-    return {"fused": fused, "separate": separate, "batched": batched}
+    return {"operator": operator, "fused": fused, "separate": separate, "batched": batched}
 
 
 def bench_case(spec: str, device: str, min_time: float) -> list[str]:
@@ -63,35 +71,26 @@ def bench_case(spec: str, device: str, min_time: float) -> list[str]:
     grad_v = torch.randn(N, D, device=device, dtype=dtype)
     grad_k = torch.randn(N, G, D, device=device, dtype=dtype)
     v0, k0 = fns["fused"]()
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    rows = []
-    times: dict[str, dict[str, float]] = {}
+    steps: dict[str, dict[str, Callable[[], object]]] = {}
     for name in LAYOUTS:
         fn = fns[name]
         v, k = fn()
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close((v, k), (v0, k0), rtol=tol, atol=tol)
 
-        def fwd(fn=fn) -> object:
-            out = fn()
-            sync()
-            return out
-
         def fwd_bwd(fn=fn) -> object:
             v, k = fn()
-            out = torch.autograd.grad((v, k), (e, weight, bias), (grad_v, grad_k))
-            sync()
-            return out
+            return torch.autograd.grad((v, k), (e, weight, bias), (grad_v, grad_k))
 
-        threads = torch.get_num_threads()
-        times[name] = {"fwd": median_time(fwd, threads, min_time), "fwd+bwd": median_time(fwd_bwd, threads, min_time)}
+        steps[name] = {"fwd": fn, "fwd+bwd": fwd_bwd}
+    rows = []
     for phase in ("fwd", "fwd+bwd"):
-        t = {n: times[n][phase] for n in LAYOUTS}
+        t = interleaved_medians({n: steps[n][phase] for n in LAYOUTS}, min_time, device)
         rows.append(
             f"| {spec} | {phase} | "
             + " | ".join(f"{t[n] * 1e3:.3f} ms" for n in LAYOUTS)
             + " | "
-            + " | ".join(f"{t[n] / t['fused']:.2f}" for n in LAYOUTS[1:])
+            + " | ".join(f"{t[n] / t['operator']:.2f}" for n in LAYOUTS[1:])
             + " |"
         )
     return rows
@@ -105,15 +104,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="comma list of NxGxDxDe:dtype (default: the layer benchmark's shapes)",
     )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--min-time", type=float, default=1.0, help="seconds per blocked_autorange")
+    parser.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per way and phase")
     add_out_argument(parser)
     args = parser.parse_args(argv)
     keep_freed_memory()
     header = [
         f"# projection layouts ({args.device})\n\n{torch.get_num_threads()} threads; torch {torch.__version__}; "
-        "time of the layout, and its ratio to fused (above 1: slower than fused).\n",
-        "| case NxGxDxDe | phase | fused | separate | batched | separate/fused | batched/fused |",
-        "|---|---|---|---|---|---|---|",
+        "time of each way, and its ratio to the block's operator (above 1: slower than the operator).\n",
+        "| case NxGxDxDe | phase | operator | fused | separate | batched | fused/operator | separate/operator "
+        "| batched/operator |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     rows = []
     for spec in args.cases.split(","):
