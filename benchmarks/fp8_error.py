@@ -116,8 +116,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--table-rows", type=int, default=TABLE_ROWS, help="rows per head of each n-gram order")
     parser.add_argument("--block", type=int, default=DEFAULT_BLOCK, help="columns per scale")
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds of lookup timing per implementation")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     add_out_argument(parser)
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.device == "cpu":
         keep_freed_memory()
         where = f"CPU, {torch.get_num_threads()} threads (shared with other work: times are noisy)"

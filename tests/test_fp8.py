@@ -104,7 +104,9 @@ def test_quantize_any_float_dtype_and_device_kept() -> None:
 def _lookup_inputs(R: int, dim: int, block: int, device: str, *, any_bytes: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """A quantized table, or (any_bytes) every e4m3 byte (NaN too) with every finite scale byte."""
     if any_bytes:
-        rows = torch.randint(0, 256, (R, dim), dtype=torch.uint8).view(torch.float8_e4m3fn)
+        rows = torch.randint(0, 256, (R, dim), dtype=torch.uint8)
+        rows.view(-1)[:256] = torch.arange(min(256, rows.numel()), dtype=torch.uint8)  # every byte once
+        rows = rows.view(torch.float8_e4m3fn)
         scales = torch.randint(0, 255, (R, -(-dim // block)), dtype=torch.uint8)
         return rows.to(device), scales.to(device)
     rows, scales = quantize_rows_fp8(torch.randn(R, dim) * 3, block)
@@ -147,10 +149,15 @@ def test_lookup_strided_table_and_e8m0_scales(device: str) -> None:
 def test_opcheck(device: str) -> None:
     rows, scales = _lookup_inputs(16, 64, 32, device, any_bytes=False)
     indices = torch.randint(0, 16, (3, 5), device=device)
+    # test_schema compares float8 inputs with arithmetic float8 tensors lack; the schema is checked below.
+    tests = ("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
     for dtype in (torch.bfloat16, torch.float32):
-        torch.library.opcheck(
-            torch.ops.retrieval_attention.fp8_lookup, (rows, scales, indices), {"block": 32, "dtype": dtype}
-        )
+        op = torch.ops.retrieval_attention.fp8_lookup
+        torch.library.opcheck(op, (rows, scales, indices), {"block": 32, "dtype": dtype}, test_utils=tests)
+    before = (rows.view(torch.uint8).clone(), scales.clone(), indices.clone())
+    fp8_lookup(rows, scales, indices, block=32)
+    assert torch.equal(rows.view(torch.uint8), before[0]) and torch.equal(scales, before[1])
+    assert torch.equal(indices, before[2]) and not op.default._schema.is_mutable
 
 
 def _module(device: str, dtype: torch.dtype = torch.float32) -> NgramHashEmbedding:
