@@ -231,6 +231,16 @@ def test_module_compile_fullgraph(device: str) -> None:
             _same_bits(compiled(ids), fp8(ids))
 
 
+def test_module_exports() -> None:
+    fp8 = _module("cpu").to_fp8()
+    ids = torch.randint(0, 100, (2, 7))
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", min=2)
+    exported = torch.export.export(fp8, (ids,), dynamic_shapes=({0: batch, 1: seq},))
+    assert any("fp8_lookup" in str(node.target) for node in exported.graph.nodes)
+    other = torch.randint(0, 100, (3, 12))
+    _same_bits(exported.module()(other), fp8(other))
+
+
 @NEEDS_CUDA
 @pytest.mark.parametrize("dtype", OUT_DTYPES)
 def test_lookup_cuda_matches_cpu(dtype: torch.dtype) -> None:
