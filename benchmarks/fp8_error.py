@@ -123,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if args.device == "cpu":
         keep_freed_memory()
-        where = f"CPU, {torch.get_num_threads()} threads (shared with other work: times are noisy)"
+        threads = torch.get_num_threads()
+        where = f"CPU, {threads} thread{'s' if threads > 1 else ''} (shared with other work: times are noisy)"
     else:
         where = torch.cuda.get_device_name()
     records = [
