@@ -133,6 +133,7 @@ bench: build
 	$(RUN) benchmarks/bench_projection.py
 	$(RUN) benchmarks/bench_sharded.py
 	$(RUN) benchmarks/bench_decode.py
+	$(RUN) benchmarks/fp8_error.py
 
 lint: $(ENV_STAMP)
 	@command -v clang-format >/dev/null || \

@@ -39,4 +39,8 @@ TORCH_LIBRARY(retrieval_attention, m) {
       "Tensor grad_weight, Tensor grad_bias)");
   // docs/ngram.md: hashed n-gram ids [B, T, (max_n - 1) * H] of token ids [B, T]; integer, so no autograd.
   m.def("ngram_hash(Tensor ids, Tensor multipliers, Tensor primes, *, int pad_id, Tensor? cu_seqlens=None) -> Tensor");
+  // docs/ngram.md#fp8-tables: rows [R, dim] float8_e4m3fn with UE8M0 scales [R, ceil(dim / block)] (uint8
+  // or float8_e8m0fnu) looked up at indices [...] and dequantized to dtype: [..., dim]. Inference only:
+  // no autograd.
+  m.def("fp8_lookup(Tensor rows, Tensor scales, Tensor indices, *, int block, ScalarType dtype) -> Tensor");
 }

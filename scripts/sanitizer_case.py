@@ -9,7 +9,8 @@ float32 too) or none, residual, mask, no signed square root, h and grad_o one el
 contiguous, strided and transposed ids, and empty inputs of both operators. Then short_conv, forward
 and backward, in every dtype (float32 parameters with bfloat16 x too): taps whose rows overlap and taps
 further apart than a tile, a sequence shorter than the context, one tap, odd D and D over a block's
-threads, residual or not, and an empty sequence.
+threads, residual or not, and an empty sequence. Then fp8_lookup in every dtype on the vector path
+(dim 256, block 32), the scalar one (dim 50, a short last block) and a strided table, and empty indices.
 """
 
 from __future__ import annotations
@@ -113,6 +114,21 @@ def run_ngram_hash(N: int) -> None:
         retrieval_attention.ngram_hash(ids, multipliers, primes, pad_id=0)
 
 
+# (R, dim, block): the 8-byte vector path, the scalar path (dim and block not multiples of 8).
+FP8_CASES = ((300, 256, 32), (301, 50, 12))
+
+
+def run_fp8_lookup(N: int, dtype: torch.dtype) -> None:
+    for R, dim, block in FP8_CASES:
+        rows, scales = retrieval_attention.quantize_rows_fp8(torch.randn(R, dim, device=DEVICE), block)
+        strided = torch.zeros(R, dim + 8, dtype=torch.uint8, device=DEVICE)[:, 8:]
+        strided.copy_(rows.view(torch.uint8))
+        indices = torch.randint(0, R, (N,), device=DEVICE)
+        for table in (rows, strided.view(torch.float8_e4m3fn)):
+            retrieval_attention.fp8_lookup(table, scales, indices, block=block, dtype=dtype)
+        retrieval_attention.fp8_lookup(rows, scales, indices[:0], block=block, dtype=dtype)
+
+
 def run_short_conv(shape: tuple[int, ...], dtype: torch.dtype, param_dtype: torch.dtype) -> None:
     """One forward and backward; the gradients reach every input."""
     B, T, G, D, K, dilation, residual = shape
@@ -142,6 +158,9 @@ def main() -> None:
             run_short_conv(shape, dtype, dtype)
         print(f"  short_conv {dtype}: done")
     run_short_conv(SHORT_CONV_CASES[0], torch.bfloat16, torch.float32)
+    for dtype in DTYPES:
+        run_fp8_lookup(N, dtype)
+    print("  fp8_lookup: done")
     torch.cuda.synchronize()
     print("sanitizer case done")
 

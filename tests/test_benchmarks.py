@@ -54,3 +54,17 @@ def test_decode_benchmark_writes_its_table(tmp_path: Path, monkeypatch) -> None:
     rows = [line for line in (tmp_path / "decode_cpu.md").read_text().splitlines() if line[:4] in ("| 1 ", "| 3 ")]
     assert len(rows) == 2
     sys.modules.pop("bench_decode", None)
+
+
+def test_fp8_error_benchmark_writes_its_table(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import fp8_error
+
+    monkeypatch.setattr(fp8_error, "keep_freed_memory", lambda: False)
+    argv = ["--cases", "1x9x2x16x12:bfloat16", "--table-rows", "50", "--min-time", "0.01", "--out", str(tmp_path)]
+    fp8_error.main(argv)
+    text = (tmp_path / "fp8_cpu.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| 1x9x2x16x12:bfloat16 | ")]
+    assert len(rows) == 4  # three error rows and one timing row
+    assert "| bfloat16 | 2 |" in text and "| float8_e4m3fn + UE8M0 scales | 2 (1 + 1) |" in text  # rows of 1
+    sys.modules.pop("fp8_error", None)

@@ -82,6 +82,19 @@ def test_sanitizer_case_runs_short_conv_both_ways(monkeypatch: pytest.MonkeyPatc
     assert len(calls) == len(sanitizer_case.SHORT_CONV_CASES)
 
 
+def test_sanitizer_case_runs_fp8_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its fp8_lookup step, pointed at the CPU, looks up each table (contiguous, strided) and no index."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import sanitizer_case
+
+    monkeypatch.setattr(sanitizer_case, "DEVICE", "cpu")
+    calls = []
+    real = retrieval_attention.fp8_lookup
+    monkeypatch.setattr(retrieval_attention, "fp8_lookup", lambda *a, **k: calls.append(a[2].numel()) or real(*a, **k))
+    sanitizer_case.run_fp8_lookup(64, torch.bfloat16)
+    assert calls == [64, 64, 0] * len(sanitizer_case.FP8_CASES)
+
+
 PTXAS_LINES = """\
 ptxas info    : Compiling entry function '_Z6kernelIfEvPT_' for 'sm_90'
 ptxas info    : Function properties for _Z6kernelIfEvPT_

@@ -22,6 +22,7 @@ except ImportError as error:  # pragma: no cover - only without a build
     ) from error
 
 from . import _ops, reference  # noqa: F401  (_ops registers the fake kernels)
+from .fp8 import Fp8NgramHashEmbedding, dequantize_rows_fp8, fp8_lookup, quantize_rows_fp8
 from .functional import gate, ngram_hash, short_conv
 from .modules import RetrievalAttention, RetrievalGate, ShortConv
 from .ngram import NgramHashEmbedding, ngram_hash_tables
@@ -39,15 +40,19 @@ def build_info() -> dict[str, object]:
 
 
 __all__ = [
+    "Fp8NgramHashEmbedding",
     "NgramHashEmbedding",
     "RetrievalAttention",
     "RetrievalGate",
     "ShortConv",
     "__version__",
     "build_info",
+    "dequantize_rows_fp8",
+    "fp8_lookup",
     "gate",
     "ngram_hash",
     "ngram_hash_tables",
+    "quantize_rows_fp8",
     "reference",
     "short_conv",
 ]

@@ -101,3 +101,10 @@ def _linear_backward_fake(
         grad(output_mask[1], weight, weight.shape),
         grad(output_mask[2], weight, weight.shape[:1]),
     )
+
+
+@torch.library.register_fake("retrieval_attention::fp8_lookup")
+def _fp8_lookup_fake(
+    rows: torch.Tensor, scales: torch.Tensor, indices: torch.Tensor, *, block: int, dtype: torch.dtype
+) -> torch.Tensor:
+    return rows.new_empty((*indices.shape, rows.shape[1]), dtype=dtype)

@@ -277,6 +277,13 @@ class NgramHashEmbedding(nn.Module):
             ids = torch.index_select(self.lookup, 0, ids.flatten()).view(ids.shape)
         return ngram_hash(ids, self.multipliers, self.primes, pad_id=self.hash_pad_id, cu_seqlens=cu_seqlens)
 
+    def to_fp8(self, block: int = 32, *, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+        """An inference copy with the table in FP8 e4m3 and UE8M0 scales per ``block`` columns
+        (``retrieval_attention.fp8.Fp8NgramHashEmbedding``, docs/ngram.md#fp8-tables); output in ``dtype``."""
+        from .fp8 import Fp8NgramHashEmbedding  # fp8 imports this module
+
+        return Fp8NgramHashEmbedding(self, block=block, dtype=dtype)
+
     def forward(
         self, ids: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None, history: torch.Tensor | None = None
     ) -> torch.Tensor:
