@@ -109,11 +109,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=f"{TABLE_ROWS},{DEMO_TABLE_ROWS}",
         help="comma list of rows per head of each n-gram order (default: the layer benchmark's and the demo's)",
     )
-    parser.add_argument("--matmuls", type=int, default=8, help="products in the stand-in for the preceding layers")
+    parser.add_argument(
+        "--matmuls",
+        type=int,
+        default=None,
+        help="products in the stand-in for the preceding layers (default: 1 on the CPU, 8 on CUDA, "
+        "a few times the host lookup's time on each)",
+    )
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per implementation")
     add_out_argument(parser)
     args = parser.parse_args(argv)
-    cases = args.cases or ("1x512x1024x1024:float32" if args.device == "cpu" else "1x8192x4096x1024:bfloat16")
+    cpu = args.device == "cpu"
+    cases = args.cases or ("1x512x1024x1024:float32" if cpu else "1x8192x4096x1024:bfloat16")
+    matmuls = args.matmuls or (1 if cpu else 8)
     if args.device == "cpu":
         keep_freed_memory()
         where = f"CPU, {torch.get_num_threads()} threads (the host is the compute device: a worker thread prefetches)"
@@ -121,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         where = f"{torch.cuda.get_device_name()} (host table pinned; a worker thread and a side stream prefetch)"
     header = [
         f"# host table prefetch benchmark ({args.device})\n\n{where}; torch {torch.__version__}; "
-        f"2-gram and 3-gram tables, {NUM_HEADS} heads each; stand-in: {args.matmuls} products "
+        f"2-gram and 3-gram tables, {NUM_HEADS} heads each; stand-in: {matmuls} products "
         f"[B*T, W] @ [W, W]; forward only. hidden: the share of the host lookup's cost the prefetch removes.\n",
         "| case BxTxWxDe | rows per head | table GiB | " + " | ".join(IMPLS) + " | host lookup | hidden |",
         "|---|---|---|" + "---|" * len(IMPLS) + "---|---|",
@@ -131,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows: list[str] = []
     for table_rows in (int(r) for r in args.table_rows.split(",")):
         for spec in cases.split(","):
-            rows.append(table_row(bench_case(spec.strip(), table_rows, args.device, args.matmuls, args.min_time)))
+            rows.append(table_row(bench_case(spec.strip(), table_rows, args.device, matmuls, args.min_time)))
             text = "\n".join(header + rows) + "\n"
             path.write_text(text)  # after every case: a run cut short keeps its rows
     print(text)

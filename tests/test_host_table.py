@@ -189,9 +189,12 @@ def test_dtype_follows_device_stays() -> None:
     _, host = _pair("cpu")
     ids = _ids("cpu")
     expected = host(ids).float()
+    host.prefetch(ids)  # of the float64 table: stale once the table is converted
+    host._host._pending.future.result()
     host.float()
     assert host.embedding.weight.dtype == torch.float32 and host.embedding.weight.device.type == "cpu"
-    assert torch.equal(host(ids), expected)
+    out = host(ids)
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
     assert host.offsets.dtype == torch.int64
 
 

@@ -59,14 +59,33 @@ class Lookup:
     ready: torch.cuda.Event | None = None
 
 
-@dataclass
-class Pending:
-    """A prefetch in flight and what it was asked for; the strong references keep ``id()`` unique."""
+@dataclass(frozen=True)
+class Request:
+    """A lookup's arguments: ``ids`` ``[B, T]`` int64, ``history`` ``[B, max_n - 1]`` or None,
+    ``cu_seqlens`` ``[S + 1]`` or None, each on the host or the compute device."""
 
     ids: torch.Tensor
-    history: torch.Tensor | None
-    cu_seqlens: torch.Tensor | None
-    versions: tuple[int, ...]
+    history: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.ids, self.history, self.cu_seqlens)
+
+    def versions(self, weight: torch.Tensor) -> tuple[object, ...]:
+        """What a later write would change: the version counters of the arguments and of the table,
+        and the table's storage and dtype (``weight.data = ...`` leaves the version counter alone)."""
+        return (*(_version(t) for t in self.tensors()), weight._version, weight.data_ptr(), weight.dtype)
+
+    def same_tensors(self, other: Request) -> bool:
+        return all(a is b for a, b in zip(self.tensors(), other.tensors(), strict=True))
+
+
+@dataclass
+class Pending:
+    """A prefetch in flight and what it was asked for; the request's strong references keep ``id()`` unique."""
+
+    request: Request
+    versions: tuple[object, ...]
     future: Future
 
 
@@ -143,17 +162,11 @@ class HostTable:
             self._buffers = (key, HashBuffers(*(_to_host(t) for t in sources), module.hash_pad_id))
         return self._buffers[1]
 
-    def prefetch(
-        self,
-        module: torch.nn.Module,
-        ids: torch.Tensor,
-        history: torch.Tensor | None,
-        cu_seqlens: torch.Tensor | None,
-    ) -> None:
+    def prefetch(self, module: torch.nn.Module, request: Request) -> None:
         """Start the lookup of checked arguments on the worker thread (and the side stream on CUDA)."""
         device, weight = module.offsets.device, module.embedding.weight
         buffers = self.buffers(module)
-        inputs: list[torch.Tensor | None] = [ids, history, cu_seqlens]
+        inputs = list(request.tensors())
         copied = stream = None
         if device.type == "cuda":
             stream = self._side_stream(device)
@@ -164,7 +177,7 @@ class HostTable:
                     inputs = [_pinned_copy(t) if t is not None and t.is_cuda else t for t in inputs]
                     copied = torch.cuda.Event()
                     copied.record(stream)
-                for t in (ids, history, cu_seqlens):
+                for t in request.tensors():
                     if t is not None and t.is_cuda:
                         t.record_stream(stream)
 
@@ -181,22 +194,21 @@ class HostTable:
                     ready.record(stream)
                 return Lookup(rows, found, ready)
 
-        versions = (_version(ids), _version(history), _version(cu_seqlens), weight._version)
-        self._pending = Pending(ids, history, cu_seqlens, versions, _submit(work))
+        self._pending = Pending(request, request.versions(weight), _submit(work))
 
-    def lookup(
-        self,
-        module: torch.nn.Module,
-        ids: torch.Tensor,
-        history: torch.Tensor | None,
-        cu_seqlens: torch.Tensor | None,
-    ) -> torch.Tensor:
+    def lookup(self, module: torch.nn.Module, request: Request) -> torch.Tensor:
         """Rows ``[B, T, K, dim]`` on the compute device, with autograd to the host weight: the pending
-        prefetch's when it was for these very tensors, unchanged since, and the table too; else found now."""
+        prefetch's when it was for these very tensors, unchanged since, and the table too; else found now.
+
+        Matching compares tensor identities and version counters, never values: no device sync."""
         device, weight = module.offsets.device, module.embedding.weight
         pending, self._pending = self._pending, None
         result = None
-        if pending is not None and _same_request(pending, ids, history, cu_seqlens, weight):
+        if (
+            pending is not None
+            and pending.request.same_tensors(request)
+            and pending.versions == request.versions(weight)
+        ):
             result = pending.future.result()
             if result.ready is not None:
                 current = torch.cuda.current_stream(device)
@@ -205,7 +217,7 @@ class HostTable:
         if result is None:
             buffers = self.buffers(module)
             with torch.no_grad():
-                rows = host_rows(buffers, ids.to("cpu"), _to_host(history), _to_host(cu_seqlens))
+                rows = host_rows(buffers, *(_to_host(t) for t in request.tensors()))
                 result = Lookup(rows, gather(weight, rows, device))
         return HostRows.apply(weight, result.rows, result.found, module.embedding.sparse)
 
@@ -217,17 +229,3 @@ class HostTable:
 
 def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-
-
-def _same_request(
-    pending: Pending,
-    ids: torch.Tensor,
-    history: torch.Tensor | None,
-    cu_seqlens: torch.Tensor | None,
-    weight: torch.Tensor,
-) -> bool:
-    """Whether a forward asks for what was prefetched: the same tensor objects, none written since
-    (version counters), and the table not updated since (its version counter): no device sync."""
-    same = pending.ids is ids and pending.history is history and pending.cu_seqlens is cu_seqlens
-    versions = (_version(ids), _version(history), _version(cu_seqlens), weight._version)
-    return same and versions == pending.versions

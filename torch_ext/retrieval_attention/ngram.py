@@ -16,7 +16,7 @@ from torch import nn
 
 from . import sharding as _sharding
 from .functional import ngram_hash
-from .host_table import HostTable
+from .host_table import HostTable, Request
 
 # Miller–Rabin with these bases is exact for every n < 3.3e24, so for every int64.
 _MILLER_RABIN_BASES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41)
@@ -335,14 +335,14 @@ class NgramHashEmbedding(nn.Module):
                 "NgramHashEmbedding.prefetch: expected a module built with `host_table=True`, but got host_table=False"
             )
         self._check_host_request(ids, history, cu_seqlens, "prefetch")
-        self._host.prefetch(self, ids, history, cu_seqlens)
+        self._host.prefetch(self, Request(ids, history, cu_seqlens))
 
     @torch.compiler.disable  # worker threads and side streams: the model around it still compiles
     def _host_forward(
         self, ids: torch.Tensor, cu_seqlens: torch.Tensor | None, history: torch.Tensor | None
     ) -> torch.Tensor:
         self._check_host_request(ids, history, cu_seqlens, "forward")
-        return self._host.lookup(self, ids, history, cu_seqlens).flatten(-2)
+        return self._host.lookup(self, Request(ids, history, cu_seqlens)).flatten(-2)
 
     def _check_host_request(
         self, ids: torch.Tensor, history: torch.Tensor | None, cu_seqlens: torch.Tensor | None, where: str
