@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         keep_freed_memory()
         where = f"CPU, {torch.get_num_threads()} threads (the host is the compute device: a worker thread prefetches)"
     else:
-        where = f"{torch.cuda.get_device_name()} (host table pinned; a worker thread and a side stream prefetch)"
+        where = f"{torch.cuda.get_device_name()} (a worker thread and a side stream prefetch)"
     header = [
         f"# host table prefetch benchmark ({args.device})\n\n{where}; torch {torch.__version__}; "
         f"2-gram and 3-gram tables, {NUM_HEADS} heads each; stand-in: {matmuls} products "

@@ -8,7 +8,7 @@
 # deadline: build (ptxas's register and spill counts into the summary), build_info, the CUDA tests,
 # the GPU benchmark, compute-sanitizer memcheck and racecheck on scripts/sanitizer_case.py (then
 # initcheck and synccheck), the layer and projection benchmarks, the host table's prefetch benchmark
-# (the demo's table size in pinned host memory, looked up with and without prefetch), the CPU tests.
+# (the demo's table size in host memory, looked up with and without prefetch), the CPU tests.
 # Each step gets min(its cap, the time left less a reserve for the summary); one that cannot get its
 # minimum is recorded as "skipped: no time".
 # OUT_DIR receives summary.md (rewritten at every step, so a run cut short keeps its rows), log.txt,
@@ -341,7 +341,7 @@ step layer_bench "$LAYER_BENCH_CAP" "$LAYER_BENCH_MIN" "$PY" benchmarks/bench_la
 step projection_bench "$PROJECTION_BENCH_CAP" "$PROJECTION_BENCH_MIN" "$PY" benchmarks/bench_projection.py \
   --device cuda --min-time "$BENCH_MIN_TIME" --cases "$PROJECTION_CASES" --out "$out"
 
-# ---- The host table (pinned, the demo's size) looked up after a stand-in for the preceding layers,
+# ---- The host table (the demo's size) looked up after a stand-in for the preceding layers,
 # with and without prefetch (worker thread and side stream): how much of the lookup is hidden.
 step prefetch_bench "$PREFETCH_BENCH_CAP" "$PREFETCH_BENCH_MIN" "$PY" benchmarks/bench_prefetch.py --device cuda \
   --min-time "$BENCH_MIN_TIME" --table-rows "$DEMO_TABLE_ROWS" --out "$out"

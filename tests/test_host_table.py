@@ -50,7 +50,6 @@ def count_hashes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_placement(device: str) -> None:
     _, host = _pair(device)
     assert host.embedding.weight.device.type == "cpu"
-    assert host.embedding.weight.is_pinned() == torch.cuda.is_available()
     assert host.offsets.device.type == device
     out = host(_ids(device))
     assert out.device.type == device and out.dtype == DTYPE
@@ -155,7 +154,6 @@ def test_training_equals_device_table(device: str, sparse: bool, prefetch: bool,
     grad = host.embedding.weight.grad
     assert grad.device.type == "cpu" and grad.is_sparse == sparse
     assert host.embedding.weight.device.type == "cpu"
-    assert host.embedding.weight.is_pinned() == torch.cuda.is_available()  # updated in place
     tol = tolerance(DTYPE)
     torch.testing.assert_close(host.embedding.weight, plain.embedding.weight.cpu(), rtol=tol, atol=tol)
 
@@ -230,9 +228,40 @@ def test_cuda_module_to_keeps_table_on_host() -> None:
     ids = _ids("cpu")
     expected = host(ids)
     host.cuda()
-    assert host.offsets.is_cuda and not host.embedding.weight.is_cuda and host.embedding.weight.is_pinned()
+    assert host.offsets.is_cuda and not host.embedding.weight.is_cuda
     out = host(ids.cuda())
     assert out.is_cuda and torch.equal(out.cpu(), expected)
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("prefetch", [False, True], ids=["direct", "prefetched"])
+def test_cuda_copies_from_pinned_staging(prefetch: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rows (and GPU ids) cross in pinned buffers: copies that do not block the host."""
+    plain, host = _pair("cuda")
+    pinned: list[bool] = []
+    real = host_table_module.staging
+    monkeypatch.setattr(host_table_module, "staging", lambda *a: pinned.append((t := real(*a)).is_pinned()) or t)
+    ids = _ids("cuda")
+    if prefetch:
+        host.prefetch(ids)
+    assert torch.equal(host(ids), plain(ids))
+    assert pinned == [True] * (1 + prefetch)  # the rows; with prefetch, the ids too
+
+
+@NEEDS_CUDA
+def test_cuda_pinned_table_stays_pinned() -> None:
+    """A table the user pinned (docs/ngram.md#host-tables) stays pinned through training and dtype changes."""
+    plain, host = _pair("cuda", sparse=True)
+    host.embedding.weight.data = host.embedding.weight.data.pin_memory()
+    batches = [_ids("cuda") for _ in range(STEPS)]
+    target = torch.randn(3, 11, plain.embed_size, dtype=DTYPE, device="cuda")
+    _train(plain, batches, target, prefetch=False)
+    _train(host, batches, target, prefetch=True)
+    assert host.embedding.weight.is_pinned()
+    tol = tolerance(DTYPE)
+    torch.testing.assert_close(host.embedding.weight, plain.embedding.weight.cpu(), rtol=tol, atol=tol)
+    host.float()
+    assert host.embedding.weight.is_pinned() and host.embedding.weight.dtype == torch.float32
 
 
 @NEEDS_CUDA

@@ -110,6 +110,11 @@ def host_rows(
     return hashes[:, drop:] + buffers.offsets
 
 
+def staging(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty pinned host tensor for a copy to the GPU that does not block (from PyTorch's caching host allocator)."""
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+
 def gather(weight: torch.Tensor, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``weight[rows]`` ``[*rows.shape, dim]`` on ``device``, without autograd: gathered on the host, into
     pinned memory and copied without blocking (on the current stream) when ``device`` is a GPU."""
@@ -117,7 +122,7 @@ def gather(weight: torch.Tensor, rows: torch.Tensor, device: torch.device) -> to
     shape = (*rows.shape, weight.shape[1])
     if device.type == "cpu":
         return torch.index_select(weight, 0, rows.flatten()).view(shape)
-    staged = torch.empty(shape, dtype=weight.dtype, pin_memory=True)
+    staged = staging(shape, weight.dtype)
     torch.index_select(weight, 0, rows.flatten(), out=staged.view(-1, weight.shape[1]))
     # The caching host allocator keeps the pinned block until the copy that reads it has finished.
     return staged.to(device, non_blocking=True)
@@ -228,4 +233,4 @@ class HostTable:
 
 
 def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+    return staging(t.shape, t.dtype).copy_(t, non_blocking=True)

@@ -135,10 +135,10 @@ class NgramHashEmbedding(nn.Module):
             rank's ``embedding.weight`` holds its block of rows only, ``state_dict()`` presents it
             as a DTensor sharded by rows, and a lookup exchanges rows with the other ranks. Every
             rank must construct the module alike and call it as often. None: the whole table here.
-        host_table: keep ``embedding.weight`` in host memory (pinned where CUDA is available), while the
-            buffers and the outputs are on ``device``, the compute device; ``module.to(...)`` moves the
-            buffers and leaves the table on the host (dtype changes still apply). Lookups gather on
-            the host; :meth:`prefetch` starts one ahead of the forward (docs/ngram.md#host-tables).
+        host_table: keep ``embedding.weight`` in host memory, while the buffers and the outputs are on
+            ``device``, the compute device; ``module.to(...)`` moves the buffers and leaves the table on
+            the host (dtype changes still apply). Lookups gather the rows on the host into pinned
+            buffers; :meth:`prefetch` starts one ahead of the forward (docs/ngram.md#host-tables).
             Not with ``process_group``.
 
     Buffers: ``multipliers`` ``[max_n]``, ``primes`` ``[max_n - 1, H]``, ``offsets``
@@ -204,12 +204,8 @@ class NgramHashEmbedding(nn.Module):
         local_rows = rows if self.sharding is None else self.sharding.local_rows
         self.host_table = host_table
         self._host = HostTable() if host_table else None
-        if host_table:
-            weight = torch.empty(rows, dim, dtype=dtype, pin_memory=torch.cuda.is_available())
-            nn.init.normal_(weight)  # nn.Embedding's own initialization, made here to keep the pinned storage
-            self.embedding = nn.Embedding(rows, dim, sparse=sparse, _weight=weight)
-        else:
-            self.embedding = nn.Embedding(local_rows, dim, sparse=sparse, device=device, dtype=dtype)
+        table_device = "cpu" if host_table else device
+        self.embedding = nn.Embedding(local_rows, dim, sparse=sparse, device=table_device, dtype=dtype)
         if self.sharding is not None:
             self._shard(rows, dim, sparse)
 
