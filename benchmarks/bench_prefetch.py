@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         where = f"{torch.cuda.get_device_name()} (a worker thread and a side stream prefetch)"
     header = [
         f"# host table prefetch benchmark ({args.device})\n\n{where}; torch {torch.__version__}; "
-        f"2-gram and 3-gram tables, {NUM_HEADS} heads each; stand-in: {matmuls} products "
+        f"2-gram and 3-gram tables, {NUM_HEADS} heads each; stand-in: {matmuls} product(s) "
         f"[B*T, W] @ [W, W]; forward only. hidden: the share of the host lookup's cost the prefetch removes.\n",
         "| case BxTxWxDe | rows per head | table GiB | " + " | ".join(IMPLS) + " | host lookup | hidden |",
         "|---|---|---|" + "---|" * len(IMPLS) + "---|---|",
