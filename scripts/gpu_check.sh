@@ -8,12 +8,13 @@
 # deadline: build (ptxas's register and spill counts into the summary), build_info, the CUDA tests,
 # the GPU benchmark, compute-sanitizer memcheck and racecheck on scripts/sanitizer_case.py (then
 # initcheck and synccheck), the layer and projection benchmarks, the FP8 table's error and lookup
-# speed (benchmarks/fp8_error.py at the layer's GPU shape and the demo's table), the CPU tests. Each step gets
-# min(its cap, the time left less a reserve for the summary); one that cannot get its minimum is
-# recorded as "skipped: no time".
+# speed (benchmarks/fp8_error.py at the layer's GPU shape and the demo's table), the host table's
+# prefetch benchmark (the demo's table size in host memory, looked up with and without prefetch),
+# the CPU tests. Each step gets min(its cap, the time left less a reserve for the summary); one that
+# cannot get its minimum is recorded as "skipped: no time".
 # OUT_DIR receives summary.md (rewritten at every step, so a run cut short keeps its rows), log.txt,
 # the gate benchmark's gate_cuda.md, .csv (rewritten per case) and .png, and the layer's
-# layer_cuda.md (rewritten per case), .png, projection_cuda.md and fp8_cuda.md.
+# layer_cuda.md (rewritten per case), .png, projection_cuda.md, fp8_cuda.md and prefetch_cuda.md.
 # Exit: 0 every step that ran passed, 1 a step failed or timed out (summary: FAIL or INCOMPLETE),
 # 2 no GPU, 64 usage.
 #
@@ -47,6 +48,7 @@ readonly BENCH_CAP=150 BENCH_MIN=30
 readonly LAYER_BENCH_CAP=150 LAYER_BENCH_MIN=45 PROJECTION_BENCH_CAP=45 PROJECTION_BENCH_MIN=15
 readonly FP8_BENCH_CAP=45 FP8_BENCH_MIN=15
 readonly MEMCHECK_CAP=75 RACECHECK_CAP=75 INITCHECK_CAP=60 SYNCCHECK_CAP=60 SANITIZER_MIN=30
+readonly PREFETCH_BENCH_CAP=60 PREFETCH_BENCH_MIN=20
 readonly CPU_TESTS_CAP=300 CPU_TESTS_MIN=30
 
 if [ $# -ne 1 ]; then
@@ -204,7 +206,7 @@ note() {
       *tests) grep -E "^(FAILED|ERROR) " "$file" | head -n 30
         grep -E "[0-9]+ (passed|failed|errors?|skipped|deselected).* in [0-9.]+s" "$file" | tail -n 1 ;;
       bench) grep -E "skipped|copy bandwidth" "$file" ;;
-      layer_bench | projection_bench | fp8_bench) grep -E "^\| [0-9]" "$file" ;;
+      layer_bench | projection_bench | fp8_bench | prefetch_bench) grep -E "^\| [0-9]" "$file" ;;
       memcheck | racecheck | initcheck | synccheck)
         grep -E "^=+ (Invalid|Uninitialized|Barrier|Program hit|Error|Warning)" "$file" | sort | uniq -c | sort -rn | head -n 10
         grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitizer case" "$file" ;;
@@ -270,6 +272,7 @@ if ! step build "$BUILD_CAP" "$BUILD_MIN" env TORCH_CUDA_ARCH_LIST="$arch" MAX_J
   CMAKE_ARGS="-DRA_PTXAS_VERBOSE=ON" "$PY" setup.py build_ext --inplace --force --build-temp "$BUILD_DIR"; then
   timeout 30 "$PY" scripts/ptxas_table.py "$work/build.out" >"$work/ptxas.md" 2>&1
   for name in build_info cuda_tests bench memcheck racecheck initcheck synccheck layer_bench projection_bench fp8_bench \
+    prefetch_bench cpu_tests; do
     cpu_tests; do
     skip "$name" "the build did not pass"
   done
@@ -345,6 +348,11 @@ step projection_bench "$PROJECTION_BENCH_CAP" "$PROJECTION_BENCH_MIN" "$PY" benc
 # memory per row, and the lookup's speed.
 step fp8_bench "$FP8_BENCH_CAP" "$FP8_BENCH_MIN" "$PY" benchmarks/fp8_error.py --device cuda \
   --min-time "$BENCH_MIN_TIME" --table-rows "$DEMO_TABLE_ROWS" --cases "$FP8_CASES" --out "$out"
+
+# ---- The host table (the demo's size) looked up after a stand-in for the preceding layers,
+# with and without prefetch (worker thread and side stream): how much of the lookup is hidden.
+step prefetch_bench "$PREFETCH_BENCH_CAP" "$PREFETCH_BENCH_MIN" "$PY" benchmarks/bench_prefetch.py --device cuda \
+  --min-time "$BENCH_MIN_TIME" --table-rows "$DEMO_TABLE_ROWS" --out "$out"
 
 # ---- The CPU suite, last, with whatever time is left.
 step cpu_tests "$CPU_TESTS_CAP" "$CPU_TESTS_MIN" env OMP_NUM_THREADS=$((jobs / cpu_workers)) \

@@ -68,3 +68,15 @@ def test_fp8_error_benchmark_writes_its_table(tmp_path: Path, monkeypatch) -> No
     assert len(rows) == 4  # three error rows and one timing row
     assert "| bfloat16 | 2 |" in text and "| float8_e4m3fn + UE8M0 scales | 2 (1 + 1) |" in text  # rows of 1
     sys.modules.pop("fp8_error", None)
+
+
+def test_prefetch_benchmark_writes_its_table(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_prefetch
+
+    monkeypatch.setattr(bench_prefetch, "keep_freed_memory", lambda: False)
+    argv = ["--cases", "1x9x16x16:float32", "--table-rows", "31,37", "--matmuls", "2", "--min-time", "0.01"]
+    bench_prefetch.main([*argv, "--out", str(tmp_path)])
+    rows = [line for line in (tmp_path / "prefetch_cpu.md").read_text().splitlines() if line.startswith("| 1x9")]
+    assert [row.split(" | ")[1] for row in rows] == ["31", "37"]
+    sys.modules.pop("bench_prefetch", None)

@@ -16,6 +16,7 @@ from torch import nn
 
 from . import sharding as _sharding
 from .functional import ngram_hash
+from .host_table import HostTable, Request
 
 # Miller–Rabin with these bases is exact for every n < 3.3e24, so for every int64.
 _MILLER_RABIN_BASES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41)
@@ -129,11 +130,16 @@ class NgramHashEmbedding(nn.Module):
             through ``lookup`` when given, as the demo does).
         lookup: ``[V]`` int64 token compression, applied to the ids before hashing; None for none.
         sparse: sparse gradients for the table (``nn.Embedding(sparse=True)``).
-        device, dtype: of the table; the int64 buffers go to ``device`` too.
+        device, dtype: of the table; the int64 buffers go to ``device`` too (with ``host_table``, only they do).
         process_group: shard the table's rows over this group (docs/ngram.md#sharding): this
             rank's ``embedding.weight`` holds its block of rows only, ``state_dict()`` presents it
             as a DTensor sharded by rows, and a lookup exchanges rows with the other ranks. Every
             rank must construct the module alike and call it as often. None: the whole table here.
+        host_table: keep ``embedding.weight`` in host memory, while the buffers and the outputs are on
+            ``device``, the compute device; ``module.to(...)`` moves the buffers and leaves the table on
+            the host (dtype changes still apply). Lookups gather the rows on the host into pinned
+            buffers; :meth:`prefetch` starts one ahead of the forward (docs/ngram.md#host-tables).
+            Not with ``process_group``.
 
     Buffers: ``multipliers`` ``[max_n]``, ``primes`` ``[max_n - 1, H]``, ``offsets``
     ``[(max_n - 1) * H]`` (each head's first row in the table), ``lookup`` ``[V]`` or None.
@@ -153,8 +159,14 @@ class NgramHashEmbedding(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         process_group: dist.ProcessGroup | None = None,
+        host_table: bool = False,
     ) -> None:
         super().__init__()
+        if host_table and process_group is not None:
+            raise ValueError(
+                "NgramHashEmbedding: expected `host_table=False` with `process_group` (a sharded table lives on "
+                "the ranks' devices), but got host_table=True"
+            )
         if multipliers.dim() != 1 or multipliers.shape[0] < 2:
             raise ValueError(f"NgramHashEmbedding: expected `multipliers` [max_n], max_n >= 2, got {multipliers.shape}")
         self.max_n = multipliers.shape[0]
@@ -190,7 +202,10 @@ class NgramHashEmbedding(nn.Module):
         rows, dim = int(sizes.sum()), embed_dim_per_ngram // self.num_heads
         self.sharding = None if process_group is None else _sharding.row_sharding(rows, process_group)
         local_rows = rows if self.sharding is None else self.sharding.local_rows
-        self.embedding = nn.Embedding(local_rows, dim, sparse=sparse, device=device, dtype=dtype)
+        self.host_table = host_table
+        self._host = HostTable() if host_table else None
+        table_device = "cpu" if host_table else device
+        self.embedding = nn.Embedding(local_rows, dim, sparse=sparse, device=table_device, dtype=dtype)
         if self.sharding is not None:
             self._shard(rows, dim, sparse)
 
@@ -239,6 +254,7 @@ class NgramHashEmbedding(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         process_group: dist.ProcessGroup | None = None,
+        host_table: bool = False,
     ) -> NgramHashEmbedding:
         """The module of layer ``layer_id`` with the demo's tables (see :func:`ngram_hash_tables`).
 
@@ -262,6 +278,7 @@ class NgramHashEmbedding(nn.Module):
             device=device,
             dtype=dtype,
             process_group=process_group,
+            host_table=host_table,
         )
 
     def _refresh_pad_id(self) -> None:
@@ -295,12 +312,81 @@ class NgramHashEmbedding(nn.Module):
         for decoding a token at a time; ``pad_id`` where the sequence had not started. None: the
         sequences start at ``ids[:, 0]``.
         """
+        if self.host_table:
+            return self._host_forward(ids, cu_seqlens, history)
         drop = 0  # leading positions of ids that are history: hashed, not looked up
         if history is not None:
             ids, drop = self._with_history(ids, history, cu_seqlens), history.shape[1]
         if self.sharding is not None:
             return self._sharded_forward(ids, cu_seqlens, drop)
         return self.embedding(self.hash(ids, cu_seqlens=cu_seqlens)[:, drop:] + self.offsets).flatten(-2)
+
+    def prefetch(
+        self, ids: torch.Tensor, *, history: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None
+    ) -> None:
+        """Start the lookup of ``forward(ids, history=history, cu_seqlens=cu_seqlens)`` now (``host_table`` only).
+
+        The hashing and the host gather run on a worker thread and, on CUDA, the copy to the device
+        on a side stream; the next ``forward`` with these same tensor objects, unmodified since, and
+        the table not updated since, waits for it instead of doing the work. Any other forward
+        drops it and looks up its own ids. Arguments as ``forward``'s: ``ids`` ``[B, T]`` int64 on the
+        host or the compute device, ``history`` ``[B, max_n - 1]``, ``cu_seqlens`` ``[S + 1]``. An error
+        found while prefetching (a negative id, bad offsets) is raised by the forward that uses it.
+        """
+        if not self.host_table:
+            raise RuntimeError(
+                "NgramHashEmbedding.prefetch: expected a module built with `host_table=True`, but got host_table=False"
+            )
+        self._check_host_request(ids, history, cu_seqlens, "prefetch")
+        self._host.prefetch(self, Request(ids, history, cu_seqlens))
+
+    @torch.compiler.disable  # worker threads and side streams: the model around it still compiles
+    def _host_forward(
+        self, ids: torch.Tensor, cu_seqlens: torch.Tensor | None, history: torch.Tensor | None
+    ) -> torch.Tensor:
+        self._check_host_request(ids, history, cu_seqlens, "forward")
+        return self._host.lookup(self, Request(ids, history, cu_seqlens)).flatten(-2)
+
+    def _check_host_request(
+        self, ids: torch.Tensor, history: torch.Tensor | None, cu_seqlens: torch.Tensor | None, where: str
+    ) -> None:
+        """Errors that name the argument, before anything starts: the host table's lookups hash on the host."""
+        name = f"NgramHashEmbedding.{where}"
+        devices = {torch.device("cpu"), self.offsets.device}
+        places = " or ".join(sorted(str(d) for d in devices))
+        for arg, t in (("ids", ids), ("history", history), ("cu_seqlens", cu_seqlens)):
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: expected `{arg}` a tensor, but got {type(t).__name__}")
+            if t is not None and t.device not in devices:
+                raise ValueError(f"{name}: expected `{arg}` on {places}, but got {t.device}")
+        if ids.dtype != torch.int64:
+            raise TypeError(f"{name}: expected `ids` int64, but got {ids.dtype}")
+        if ids.dim() != 2:
+            raise ValueError(f"{name}: expected `ids` [B, T], but got {list(ids.shape)}")
+        if history is not None:
+            self._with_history(ids, history, cu_seqlens)  # its checks; the host hashes the concatenation
+        if cu_seqlens is not None and (cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64)):
+            raise ValueError(
+                f"{name}: expected `cu_seqlens` [S + 1] int32 or int64, "
+                f"but got {list(cu_seqlens.shape)} {cu_seqlens.dtype}"
+            )
+        if cu_seqlens is not None and ids.shape[0] != 1:
+            raise ValueError(f"{name}: expected `ids` [1, T] with `cu_seqlens`, but got {list(ids.shape)}")
+
+    def _apply(self, fn, recurse: bool = True) -> NgramHashEmbedding:
+        """``to``, ``cuda``, ``half``...: a host table stays on the host (pinned as it was), following dtype changes."""
+        if not self.host_table:
+            return super()._apply(fn, recurse)
+        weight = self.embedding._parameters.pop("weight")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self.embedding._parameters["weight"] = weight
+        dtype = fn(torch.empty(0, dtype=weight.dtype)).dtype  # what fn does to a float tensor's dtype
+        if dtype != weight.dtype:
+            converted = weight.detach().to(dtype)
+            weight.data = converted.pin_memory() if weight.is_pinned() else converted
+        return self
 
     def _with_history(self, ids: torch.Tensor, history: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         if cu_seqlens is not None:
@@ -330,6 +416,8 @@ class NgramHashEmbedding(nn.Module):
         if self.sharding is not None:
             start = self.sharding.start
             text += f", rows [{start}, {start + self.sharding.local_rows}) of {self.sharding.rows} on this rank"
+        if self.host_table:
+            text += ", host_table=True"
         return text
 
 
