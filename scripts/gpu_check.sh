@@ -273,7 +273,6 @@ if ! step build "$BUILD_CAP" "$BUILD_MIN" env TORCH_CUDA_ARCH_LIST="$arch" MAX_J
   timeout 30 "$PY" scripts/ptxas_table.py "$work/build.out" >"$work/ptxas.md" 2>&1
   for name in build_info cuda_tests bench memcheck racecheck initcheck synccheck layer_bench projection_bench fp8_bench \
     prefetch_bench cpu_tests; do
-    cpu_tests; do
     skip "$name" "the build did not pass"
   done
   exit
