@@ -18,7 +18,9 @@
 # Exit: 0 every step that ran passed, 1 a step failed or timed out (summary: FAIL or INCOMPLETE),
 # 2 no GPU, 64 usage.
 #
-# Environment: GPU_CHECK_BUDGET (seconds for everything, default 540), PYTHON (default python3),
+# Environment: GPU_CHECK_BUDGET (seconds for everything, default 540), GPU_CHECK_STEPS (a comma list
+# of step names: only those run, the others are recorded as "skipped: not selected"; e.g. a second
+# run of the steps the first had no time for, after "build"), PYTHON (default python3),
 # TORCH_CUDA_ARCH_LIST (default 9.0: H100/H200).
 set -uo pipefail
 
@@ -159,6 +161,10 @@ trap 'state=interrupted; exit_code=1; exit' TERM INT HUP
 step() {
   local name=$1 cap=$2 min=$3 left limit start offset rc result
   shift 3
+  if [ -n "${GPU_CHECK_STEPS:-}" ] && [[ ",$GPU_CHECK_STEPS," != *",$name,"* ]]; then
+    skip "$name" "not selected (GPU_CHECK_STEPS)"
+    return 0
+  fi
   left=$((deadline - SECONDS - SUMMARY_RESERVE))
   limit=$((cap < left ? cap : left))
   if [ "$limit" -lt "$min" ]; then
