@@ -37,6 +37,10 @@ TORCH_LIBRARY(retrieval_attention, m) {
   m.def(
       "linear_backward(Tensor grad_y, Tensor x, Tensor weight, bool[3] output_mask) -> (Tensor grad_x, "
       "Tensor grad_weight, Tensor grad_bias)");
+  // docs/ngram.md: the table's rows at int64 indices [...] -> [..., dim]; the backward writes the dense
+  // table gradient [num_rows, dim] in one pass, each row summed in index order (csrc/lookup.h).
+  m.def("lookup(Tensor weight, Tensor indices) -> Tensor");
+  m.def("lookup_backward(Tensor grad, Tensor indices, int num_rows) -> Tensor");
   // docs/ngram.md: hashed n-gram ids [B, T, (max_n - 1) * H] of token ids [B, T]; integer, so no autograd.
   m.def("ngram_hash(Tensor ids, Tensor multipliers, Tensor primes, *, int pad_id, Tensor? cu_seqlens=None) -> Tensor");
   // docs/ngram.md#fp8-tables: rows [R, dim] float8_e4m3fn with UE8M0 scales [R, ceil(dim / block)] (uint8

@@ -184,6 +184,7 @@ FUSED_OPS = {
     "retrieval_attention.gate.default",
     "retrieval_attention.ngram_hash.default",
     "retrieval_attention.linear.default",
+    "retrieval_attention.lookup.default",
 }
 
 

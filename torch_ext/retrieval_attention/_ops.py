@@ -108,3 +108,13 @@ def _fp8_lookup_fake(
     rows: torch.Tensor, scales: torch.Tensor, indices: torch.Tensor, *, block: int, dtype: torch.dtype
 ) -> torch.Tensor:
     return rows.new_empty((*indices.shape, rows.shape[1]), dtype=dtype)
+
+
+@torch.library.register_fake("retrieval_attention::lookup")
+def _lookup_fake(weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    return weight.new_empty((*indices.shape, weight.shape[1]))
+
+
+@torch.library.register_fake("retrieval_attention::lookup_backward")
+def _lookup_backward_fake(grad: torch.Tensor, indices: torch.Tensor, num_rows: int) -> torch.Tensor:
+    return grad.new_empty((num_rows, grad.shape[-1]))

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from . import sharding as _sharding
 from .functional import ngram_hash
@@ -205,7 +206,7 @@ class NgramHashEmbedding(nn.Module):
         self.host_table = host_table
         self._host = HostTable() if host_table else None
         table_device = "cpu" if host_table else device
-        self.embedding = nn.Embedding(local_rows, dim, sparse=sparse, device=table_device, dtype=dtype)
+        self.embedding = _Embedding(local_rows, dim, sparse=sparse, device=table_device, dtype=dtype)
         if self.sharding is not None:
             self._shard(rows, dim, sparse)
 
@@ -419,6 +420,19 @@ class NgramHashEmbedding(nn.Module):
         if self.host_table:
             text += ", host_table=True"
         return text
+
+
+class _Embedding(nn.Embedding):
+    """``nn.Embedding`` (same parameters, same state dict) whose dense CPU lookup is the ``lookup``
+    operator: its backward writes the table's gradient in one pass with streaming stores, where
+    ``F.embedding``'s fills the table with zeros and then adds the rows into it."""
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        plain = not self.sparse and self.padding_idx is None and self.max_norm is None and not self.scale_grad_by_freq
+        if plain and w.device.type == "cpu" and not is_traceable_wrapper_subclass(w):
+            return torch.ops.retrieval_attention.lookup(w, indices)
+        return super().forward(indices)
 
 
 def _ids_error(ids: torch.Tensor, vocab: int | None) -> str | None:
