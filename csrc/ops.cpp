@@ -47,4 +47,11 @@ TORCH_LIBRARY(retrieval_attention, m) {
   // or float8_e8m0fnu) looked up at indices [...] and dequantized to dtype: [..., dim]. Inference only:
   // no autograd.
   m.def("fp8_lookup(Tensor rows, Tensor scales, Tensor indices, *, int block, ScalarType dtype) -> Tensor");
+  // docs/block.md, decoding: one token per sequence through the gate and the short convolution in one kernel,
+  // y = o + SiLU(conv(RMSNorm_g([conv_state; o]))) with (o, a) the gate's (residual off); conv_state
+  // [B, (K - 1) * dilation, G, D] (the last inputs o) is updated in place. Inference only: no autograd.
+  m.def(
+      "decode_step(Tensor h, Tensor k, Tensor v, Tensor? w_q, Tensor? w_k, Tensor conv_weight, "
+      "Tensor conv_norm_weight, Tensor(a!) conv_state, *, int dilation=3, float? eps=None, float? scale=None, "
+      "bool signed_sqrt=True, float sqrt_clamp=1e-06, float conv_eps=1e-05) -> (Tensor y, Tensor a)");
 }

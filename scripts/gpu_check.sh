@@ -6,7 +6,8 @@
 #
 # Preflight first: without a GPU it stops within seconds (exit 2). Then, by value, under one shared
 # deadline: build (ptxas's register and spill counts into the summary), build_info, the CUDA tests,
-# the GPU benchmark, compute-sanitizer memcheck and racecheck on scripts/sanitizer_case.py (then
+# the GPU benchmark, the decode benchmark (the fused decode step against the existing path),
+# compute-sanitizer memcheck and racecheck on scripts/sanitizer_case.py (then
 # initcheck and synccheck), the layer and projection benchmarks, the FP8 table's error and lookup
 # speed (benchmarks/fp8_error.py at the layer's GPU shape and the demo's table), the host table's
 # prefetch benchmark (the demo's table size in host memory, looked up with and without prefetch),
@@ -14,7 +15,8 @@
 # cannot get its minimum is recorded as "skipped: no time".
 # OUT_DIR receives summary.md (rewritten at every step, so a run cut short keeps its rows), log.txt,
 # the gate benchmark's gate_cuda.md, .csv (rewritten per case) and .png, and the layer's
-# layer_cuda.md (rewritten per case), .png, projection_cuda.md, fp8_cuda.md and prefetch_cuda.md.
+# layer_cuda.md (rewritten per case), .png, projection_cuda.md, fp8_cuda.md, prefetch_cuda.md and
+# decode_cuda.md.
 # Exit: 0 every step that ran passed, 1 a step failed or timed out (summary: FAIL or INCOMPLETE),
 # 2 no GPU, 64 usage.
 #
@@ -47,6 +49,7 @@ readonly BUILD_CAP=240 BUILD_MIN=60
 readonly BUILD_INFO_CAP=60 BUILD_INFO_MIN=10
 readonly CUDA_TESTS_CAP=150 CUDA_TESTS_MIN=30
 readonly BENCH_CAP=150 BENCH_MIN=30
+readonly DECODE_BENCH_CAP=60 DECODE_BENCH_MIN=15
 readonly LAYER_BENCH_CAP=150 LAYER_BENCH_MIN=45 PROJECTION_BENCH_CAP=45 PROJECTION_BENCH_MIN=15
 readonly FP8_BENCH_CAP=45 FP8_BENCH_MIN=15
 readonly MEMCHECK_CAP=75 RACECHECK_CAP=75 INITCHECK_CAP=60 SYNCCHECK_CAP=60 SANITIZER_MIN=30
@@ -212,7 +215,7 @@ note() {
       *tests) grep -E "^(FAILED|ERROR) " "$file" | head -n 30
         grep -E "[0-9]+ (passed|failed|errors?|skipped|deselected).* in [0-9.]+s" "$file" | tail -n 1 ;;
       bench) grep -E "skipped|copy bandwidth" "$file" ;;
-      layer_bench | projection_bench | fp8_bench | prefetch_bench) grep -E "^\| [0-9]" "$file" ;;
+      decode_bench | layer_bench | projection_bench | fp8_bench | prefetch_bench) grep -E "^\| [0-9]" "$file" ;;
       memcheck | racecheck | initcheck | synccheck)
         grep -E "^=+ (Invalid|Uninitialized|Barrier|Program hit|Error|Warning)" "$file" | sort | uniq -c | sort -rn | head -n 10
         grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitizer case" "$file" ;;
@@ -277,8 +280,8 @@ rm -f "$PACKAGE"/_C*.so "$PACKAGE"/libretrieval_attention*.so
 if ! step build "$BUILD_CAP" "$BUILD_MIN" env TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$jobs" FORCE_CUDA=1 \
   CMAKE_ARGS="-DRA_PTXAS_VERBOSE=ON" "$PY" setup.py build_ext --inplace --force --build-temp "$BUILD_DIR"; then
   timeout 30 "$PY" scripts/ptxas_table.py "$work/build.out" >"$work/ptxas.md" 2>&1
-  for name in build_info cuda_tests bench memcheck racecheck initcheck synccheck layer_bench projection_bench fp8_bench \
-    prefetch_bench cpu_tests; do
+  for name in build_info cuda_tests bench decode_bench memcheck racecheck initcheck synccheck layer_bench \
+    projection_bench fp8_bench prefetch_bench cpu_tests; do
     skip "$name" "the build did not pass"
   done
   exit
@@ -311,6 +314,10 @@ step cuda_tests "$CUDA_TESTS_CAP" "$CUDA_TESTS_MIN" env OMP_NUM_THREADS=$((jobs 
 # ---- The benchmark at the Engram shapes; its table and CSV are rewritten after every case.
 step bench "$BENCH_CAP" "$BENCH_MIN" "$PY" benchmarks/bench_gate.py --device cuda --min-time "$BENCH_MIN_TIME" \
   --out "$out"
+
+# ---- Decoding a token per call, batches of 1 and 64: the fused decode step against the existing path.
+step decode_bench "$DECODE_BENCH_CAP" "$DECODE_BENCH_MIN" "$PY" benchmarks/bench_decode.py --device cuda \
+  --min-time "$BENCH_MIN_TIME" --out "$out"
 
 # ---- compute-sanitizer. Without the caching allocator every tensor is its own allocation, so an
 # out-of-bounds access is not hidden inside a larger block and reused memory does not look initialized.

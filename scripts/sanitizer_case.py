@@ -11,6 +11,8 @@ and backward, in every dtype (float32 parameters with bfloat16 x too): taps whos
 further apart than a tile, a sequence shorter than the context, one tap, odd D and D over a block's
 threads, residual or not, and an empty sequence. Then fp8_lookup in every dtype on the vector path
 (dim 256, block 32), the scalar one (dim 50, a short last block) and a strided table, and empty indices.
+Then decode_step in every dtype with each block taking more than one row: Engram's taps, one tap (no
+state), odd D over a block's threads, no gate weights, float32 weights beside bfloat16, and an empty batch.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ SHORT_CONV_CASES = (
     (3, 33, 1, 9, 1, 1, False),
     (2, 0, 2, 16, 4, 3, True),
 )
+# (G, D, K, dilation, gate weights) of decode_step; its batch comes from the SM count, as the gate's N.
+DECODE_CASES = ((4, 256, 4, 3, True), (3, 67, 1, 2, False), (2, 130, 3, 5, True))
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,22 @@ def run_short_conv(shape: tuple[int, ...], dtype: torch.dtype, param_dtype: torc
     y.backward(torch.randn_like(y))
 
 
+def run_decode_step(B: int, case: tuple[int, ...], dtype: torch.dtype, param_dtype: torch.dtype) -> None:
+    """One step on k and v viewed in one projection output, the state updated in place."""
+    G, D, K, dilation, weighted = case
+    kv = torch.randn(B, (G + 1) * D, device=DEVICE, dtype=dtype)
+    h = torch.randn(B, G, D, device=DEVICE, dtype=dtype)
+    w_q, w_k = (weight("float32" if param_dtype == torch.float32 else "same", dtype, G, D) for _ in range(2))
+    w_q, w_k = (w.detach() if weighted else None for w in (w_q, w_k))
+    conv_w = 0.5 * torch.randn(G * D, 1, K, device=DEVICE, dtype=param_dtype)
+    norm_w = 1 + 0.1 * torch.randn(G, D, device=DEVICE, dtype=param_dtype)
+    state = torch.randn(B, (K - 1) * dilation, G, D, device=DEVICE, dtype=dtype)
+    with torch.no_grad():
+        retrieval_attention.decode_step(
+            h, kv[:, D:].unflatten(-1, (G, D)), kv[:, :D], w_q, w_k, conv_w, norm_w, state, dilation=dilation
+        )
+
+
 def main() -> None:
     torch.manual_seed(0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -161,6 +181,13 @@ def main() -> None:
     for dtype in DTYPES:
         run_fp8_lookup(N, dtype)
     print("  fp8_lookup: done")
+    B = N // DECODE_CASES[0][0]  # rows B * G: as many as the gate's N
+    for dtype in DTYPES:
+        for case in DECODE_CASES:
+            run_decode_step(B, case, dtype, dtype)
+        run_decode_step(0, DECODE_CASES[0], dtype, dtype)
+        print(f"  decode_step {dtype}: done")
+    run_decode_step(B, DECODE_CASES[0], torch.bfloat16, torch.float32)
     torch.cuda.synchronize()
     print("sanitizer case done")
 

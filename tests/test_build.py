@@ -46,10 +46,11 @@ def test_missing_extension_says_how_to_build(tmp_path: Path, missing: str) -> No
 
 TESTS = Path(__file__).resolve().parent
 # The part of the parity matrix run again per lower capability: every shape (vector tails, D = 1, N = 0)
-# and the option combinations (layouts, weights, mask, residual), in every dtype, on the CPU; and
-# fp8_lookup against the plain-PyTorch dequantization.
+# and the option combinations (layouts, weights, mask, residual), in every dtype, on the CPU; fp8_lookup
+# against the plain-PyTorch dequantization; and the decode step against the existing path in every dtype.
 CAPABILITY_SUBSET = (
-    "(cpu and (test_shapes or test_option_combinations or test_lookup_matches_reference)) or test_matches_the_reference"
+    "(cpu and (test_shapes or test_option_combinations or test_lookup_matches_reference "
+    "or test_fused_step_equals_the_existing_path)) or test_matches_the_reference"
 )
 
 
@@ -60,8 +61,8 @@ def _current_capability() -> str:
 
 @pytest.mark.parametrize("capability", CAPABILITY_ORDER)
 def test_each_cpu_capability_matches_reference(capability: str) -> None:
-    """The gate's, the short convolution's and fp8_lookup's parity subsets, in a child pytest, under each
-    capability below this."""
+    """The gate's, the short convolution's, fp8_lookup's and the decode step's parity subsets, in a child pytest,
+    under each capability below this."""
     if capability not in retrieval_attention.build_info()["cpu_capabilities"]:
         pytest.skip(f"{capability} is not compiled for {platform.machine()}")
     current = _current_capability()
@@ -72,7 +73,10 @@ def test_each_cpu_capability_matches_reference(capability: str) -> None:
     env = {**os.environ, "ATEN_CPU_CAPABILITY": capability.lower()}
     # The child imports the very library this run does (the sanitized copy under make test-asan).
     pythonpath = f"pythonpath={Path(retrieval_attention.__file__).parents[1]} {TESTS}"
-    files = [str(TESTS / name) for name in ("test_gate_parity.py", "test_short_conv.py", "test_fp8.py")]
+    files = [
+        str(TESTS / name)
+        for name in ("test_gate_parity.py", "test_short_conv.py", "test_fp8.py", "test_decode_step.py")
+    ]
     command = [sys.executable, "-m", "pytest", *files, "-k", CAPABILITY_SUBSET]
     command += ["-o", pythonpath, "-p", "no:cacheprovider", "-rfE"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=TESTS.parent)

@@ -14,7 +14,6 @@
 namespace retrieval_attention {
 namespace {
 
-constexpr const char* kForwardOp = "retrieval_attention.gate";
 constexpr const char* kBackwardOp = "retrieval_attention.gate_backward";
 
 void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& h, at::IntArrayRef shape) {
@@ -23,19 +22,6 @@ void check_like(const char* op, const char* name, const at::Tensor& t, const at:
   TORCH_CHECK(t.device() == h.device(), op, ": expected `", name, "` on the device of `h` (", h.device(), "), but got ",
               t.device());
   TORCH_CHECK_VALUE(t.sizes() == shape, op, ": expected `", name, "` of shape ", shape, ", but got ", t.sizes());
-}
-
-void check_weight(const char* op, const char* name, const std::optional<at::Tensor>& w, const at::Tensor& h, int64_t G,
-                  int64_t D) {
-  if (!w.has_value()) {
-    return;
-  }
-  TORCH_CHECK_TYPE(w->scalar_type() == h.scalar_type() || w->scalar_type() == at::kFloat, op, ": expected `", name,
-                   "` to have the dtype of `h` (", h.scalar_type(), ") or float32, but got ", w->scalar_type());
-  TORCH_CHECK(w->device() == h.device(), op, ": expected `", name, "` on the device of `h` (", h.device(),
-              "), but got ", w->device());
-  TORCH_CHECK_VALUE(w->dim() == 2 && w->size(0) == G && w->size(1) == D, op, ": expected `", name,
-                    "` of shape [G, D] = [", G, ", ", D, "], but got ", w->sizes());
 }
 
 struct Shape {
@@ -64,8 +50,8 @@ Shape check_inputs(const char* op, const GateInputs& in) {
   std::vector<int64_t> v_shape = s.lead;
   v_shape.push_back(s.D);
   check_like(op, "v", in.v, h, v_shape);
-  check_weight(op, "w_q", in.w_q, h, s.G, s.D);
-  check_weight(op, "w_k", in.w_k, h, s.G, s.D);
+  check_gate_weight(op, "w_q", in.w_q, h, s.G, s.D);
+  check_gate_weight(op, "w_k", in.w_k, h, s.G, s.D);
   if (mask.has_value()) {
     TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, op, ": expected `mask` of dtype bool, but got ",
                      mask->scalar_type());
@@ -156,6 +142,19 @@ void set_inputs(Plan& plan, const Shape& s, const GateInputs& in, const GateOpti
 
 }  // namespace
 
+void check_gate_weight(const char* op, const char* name, const std::optional<at::Tensor>& w, const at::Tensor& h,
+                       int64_t G, int64_t D) {
+  if (!w.has_value()) {
+    return;
+  }
+  TORCH_CHECK_TYPE(w->scalar_type() == h.scalar_type() || w->scalar_type() == at::kFloat, op, ": expected `", name,
+                   "` to have the dtype of `h` (", h.scalar_type(), ") or float32, but got ", w->scalar_type());
+  TORCH_CHECK(w->device() == h.device(), op, ": expected `", name, "` on the device of `h` (", h.device(),
+              "), but got ", w->device());
+  TORCH_CHECK_VALUE(w->dim() == 2 && w->size(0) == G && w->size(1) == D, op, ": expected `", name,
+                    "` of shape [G, D] = [", G, ", ", D, "], but got ", w->sizes());
+}
+
 bool is_supported_dtype(c10::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
@@ -172,10 +171,10 @@ double resolve_scale(std::optional<double> scale, int64_t D) {
 }
 
 GateForwardPlan plan_gate_forward(const GateInputs& in, const GateOptions& options,
-                                  std::optional<c10::ScalarType> weight_dtype) {
-  const Shape s = check_inputs(kForwardOp, in);
-  const double eps = resolve_eps(kForwardOp, options, in.h.scalar_type());
-  const double scale = check_options(kForwardOp, options, s.D);
+                                  std::optional<c10::ScalarType> weight_dtype, const char* op) {
+  const Shape s = check_inputs(op, in);
+  const double eps = resolve_eps(op, options, in.h.scalar_type());
+  const double scale = check_options(op, options, s.D);
 
   GateForwardPlan plan;
   set_inputs(plan, s, in, options, scale, weight_dtype);

@@ -24,6 +24,10 @@ double default_eps(c10::ScalarType dtype);
 // 1 / sqrt(D) unless given.
 double resolve_scale(std::optional<double> scale, int64_t D);
 
+// Checks a gate RMSNorm weight `name` (w_q or w_k), if given, against h: [G, D], the dtype of h or float32, h's device.
+void check_gate_weight(const char* op, const char* name, const std::optional<at::Tensor>& w, const at::Tensor& h,
+                       int64_t G, int64_t D);
+
 struct GateForwardPlan {
   at::Tensor o, a, stats;       // the op's outputs, in the caller's leading shape
   at::Tensor h, k, v, w, mask;  // canonical inputs, kept alive until the launch ends
@@ -34,9 +38,11 @@ struct GateForwardPlan {
 };
 
 // Checks every argument (the error names it), allocates the outputs and fills the params.
-// weight_dtype: of the product weight and the weight-gradient sums, acc_dtype unless the kernels want wider.
+// weight_dtype: of the product weight and the weight-gradient sums, acc_dtype unless the kernels want wider;
+// op: the operator the errors name (another operator that runs the gate inside).
 GateForwardPlan plan_gate_forward(const GateInputs& in, const GateOptions& options,
-                                  std::optional<c10::ScalarType> weight_dtype = std::nullopt);
+                                  std::optional<c10::ScalarType> weight_dtype = std::nullopt,
+                                  const char* op = "retrieval_attention.gate");
 
 struct GateBackwardPlan {
   at::Tensor grad_h, grad_k, grad_v;

@@ -10,6 +10,23 @@
 
 namespace retrieval_attention {
 
+// The argument names an operator's errors use for the short convolution's inputs.
+struct ShortConvNames {
+  const char* x = "x";  // the input whose dtype and device the parameters follow
+  const char* weight = "weight";
+  const char* norm_weight = "norm_weight";
+  const char* eps = "eps";
+};
+
+// Checks weight, norm_weight, dilation and eps against an input `x` of G branches of D (its dtype,
+// its device); returns K. The error names the argument as `names` spells it.
+int64_t check_short_conv_params(const char* op, const at::Tensor& x, int64_t G, int64_t D, const at::Tensor& weight,
+                                const at::Tensor& norm_weight, int64_t dilation, double eps,
+                                const ShortConvNames& names = {});
+
+// The taps [G * D, 1, K] as [G, K, D] in the accumulation dtype `acc`: tap-major, so the loops over D are contiguous.
+at::Tensor short_conv_taps(const at::Tensor& weight, int64_t G, int64_t D, int64_t K, c10::ScalarType acc);
+
 // Checks x, weight, norm_weight and the options; the error names the argument.
 ShortConvShape check_short_conv(const char* op, const at::Tensor& x, const at::Tensor& weight,
                                 const at::Tensor& norm_weight, int64_t dilation, double eps);

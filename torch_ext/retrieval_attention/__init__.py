@@ -23,7 +23,7 @@ except ImportError as error:  # pragma: no cover - only without a build
 
 from . import _ops, reference  # noqa: F401  (_ops registers the fake kernels)
 from .fp8 import Fp8NgramHashEmbedding, dequantize_rows_fp8, fp8_lookup, quantize_rows_fp8
-from .functional import gate, ngram_hash, short_conv
+from .functional import decode_step, gate, ngram_hash, short_conv
 from .modules import RetrievalAttention, RetrievalGate, ShortConv
 from .ngram import NgramHashEmbedding, ngram_hash_tables
 
@@ -47,6 +47,7 @@ __all__ = [
     "ShortConv",
     "__version__",
     "build_info",
+    "decode_step",
     "dequantize_rows_fp8",
     "fp8_lookup",
     "gate",

@@ -84,6 +84,21 @@ def _short_conv_backward_fake(
     return x.new_empty(x.shape), weight.new_empty(weight.shape), norm_weight.new_empty(norm_weight.shape)
 
 
+@torch.library.register_fake("retrieval_attention::decode_step")
+def _decode_step_fake(
+    h: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w_q: torch.Tensor | None,
+    w_k: torch.Tensor | None,
+    conv_weight: torch.Tensor,
+    conv_norm_weight: torch.Tensor,
+    conv_state: torch.Tensor,
+    **options: object,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return h.new_empty(h.shape), h.new_empty(h.shape[:-1], dtype=_acc_dtype(h.dtype))
+
+
 @torch.library.register_fake("retrieval_attention::linear")
 def _linear_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))

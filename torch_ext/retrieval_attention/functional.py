@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import torch
 
-# The device types whose dispatch key has a short_conv kernel (CUDA only in a build with CUDA), found
+# The device types whose dispatch key has an operator's kernel (CUDA only in a build with CUDA), found
 # once at import: torch.compile then traces a constant test rather than a dispatcher query.
-_SHORT_CONV_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
-_SHORT_CONV_DEVICES = frozenset(
-    device
-    for device, key in _SHORT_CONV_KEYS.items()
-    if torch._C._dispatch_has_kernel_for_dispatch_key("retrieval_attention::short_conv", key)
-)
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
+
+
+def _devices_with_kernel(op: str) -> frozenset[str]:
+    return frozenset(
+        device
+        for device, key in _DISPATCH_KEYS.items()
+        if torch._C._dispatch_has_kernel_for_dispatch_key(f"retrieval_attention::{op}", key)
+    )
+
+
+_SHORT_CONV_DEVICES = _devices_with_kernel("short_conv")
+# The devices the block decodes on through decode_step: meta (no autocast state to ask) takes the other path.
+_DECODE_STEP_DEVICES = _devices_with_kernel("decode_step") - {"meta"}
 
 
 def gate(
@@ -104,6 +112,63 @@ def short_conv(
         return _short_conv_eager(x, weight, norm_weight, dilation=dilation, eps=eps, residual=residual)
     return torch.ops.retrieval_attention.short_conv(
         x, weight, norm_weight, dilation=dilation, eps=eps, residual=residual
+    )
+
+
+def decode_step(
+    h: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w_q: torch.Tensor | None,
+    w_k: torch.Tensor | None,
+    conv_weight: torch.Tensor,
+    conv_norm_weight: torch.Tensor,
+    conv_state: torch.Tensor,
+    *,
+    dilation: int = 3,
+    eps: float | None = None,
+    scale: float | None = None,
+    signed_sqrt: bool = True,
+    sqrt_clamp: float = 1e-6,
+    conv_eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per sequence through the gate and the short convolution, in one kernel (docs/block.md)::
+
+        o, a = gate(h, k, v, w_q, w_k)                          residual off
+        y = o + SiLU(conv(RMSNorm_g([conv_state; o])))          the new token's output
+        conv_state <- [conv_state[:, 1:]; o]                    in place
+
+    Args:
+        h: ``[B, G, D]`` or ``[B, 1, G, D]``, float32, float64, float16 or bfloat16; rows contiguous in D,
+            other strides free (a view, as the gate reads it).
+        k: keys in the shape of ``h``, the dtype of ``h``.
+        v: value ``[B, D]`` (``[B, 1, D]`` with a 4-dim ``h``), the dtype of ``h``.
+        w_q, w_k: the gate's RMSNorm weights ``[G, D]`` (the dtype of ``h`` or float32), or None.
+        conv_weight: taps ``[G * D, 1, K]``; conv_norm_weight: ``[G, D]`` (the dtype of ``h`` or float32).
+        conv_state: ``[B, (K - 1) * dilation, G, D]``, contiguous, the dtype of ``h``: the short
+            convolution's last inputs ``o`` (``RetrievalAttention.new_conv_state``); updated in place.
+        dilation, conv_eps: the short convolution's; eps, scale, signed_sqrt, sqrt_clamp: the gate's.
+
+    Returns:
+        ``(y, a)``: ``y`` in the shape and dtype of ``h``; the gate ``a`` ``h.shape[:-1]`` in float32
+        (float64 for float64 inputs). Inference only: raises if an input requires grad in grad mode.
+        No value is read back to the host, so CUDA graphs capture it.
+    """
+    return torch.ops.retrieval_attention.decode_step(
+        h,
+        k,
+        v,
+        w_q,
+        w_k,
+        conv_weight,
+        conv_norm_weight,
+        conv_state,
+        dilation=dilation,
+        eps=eps,
+        scale=scale,
+        signed_sqrt=signed_sqrt,
+        sqrt_clamp=sqrt_clamp,
+        conv_eps=conv_eps,
     )
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ._linear import Linear
-from .functional import gate, short_conv
+from .functional import _DECODE_STEP_DEVICES, decode_step, gate, short_conv
 
 
 class RetrievalGate(nn.Module):
@@ -250,7 +250,11 @@ class RetrievalAttention(nn.Module):
     Decoding: ``conv_state = block.new_conv_state(B)``, then ``block(hidden, retrieved,
     conv_state=conv_state)`` for the prompt and for each new token: the state carries the short
     convolution's left context from call to call and is updated in place, so the outputs equal one
-    call over the whole sequence. The gate has no state: it sees each token alone.
+    call over the whole sequence. The gate has no state: it sees each token alone. A call of one
+    token per sequence (T = 1) with no mask, no ``cu_seqlens`` and no gradient to compute (grad mode
+    off, or nothing requiring grad) runs the gate, the convolution and the state's update in one
+    kernel, ``decode_step`` (no host synchronization: CUDA graphs capture it); set
+    ``fused_decode = False`` to run the gate and ``ShortConv`` instead.
 
     Packed sequences: ``cu_seqlens`` ``[S + 1]`` with ``B = 1`` (flash-attn's varlen offsets); the
     short convolution does not see across a boundary, so each sequence gets what it would alone.
@@ -286,6 +290,8 @@ class RetrievalAttention(nn.Module):
             if short_conv
             else None
         )
+        # Single-token calls with a state through the decode step operator (see forward); False: never.
+        self.fused_decode = True
 
     def new_conv_state(self, batch_size: int) -> torch.Tensor:
         """A fresh decoding state of the short convolution, ``[B, (K - 1) * dilation, G, D]`` (see ``forward``)."""
@@ -319,15 +325,64 @@ class RetrievalAttention(nn.Module):
                 f"RetrievalAttention: retrieved must be [B, T, {self.embed_size}] with B, T of hidden "
                 f"{list(h.shape[:2])}, got {list(retrieved.shape)}"
             )
-        v, k = _SplitKV.apply(self.kv_proj(retrieved), G, D)
-        y, a = self.gate(h, k, v, mask)
-        if self.short_conv is not None:
-            y = self.short_conv(y, residual=True, state=conv_state, cu_seqlens=cu_seqlens)
-        elif conv_state is not None:
-            raise ValueError("RetrievalAttention: `conv_state` was given, but this block has no short convolution")
+        if conv_state is not None and self._fused_decode(h, retrieved, mask, conv_state, cu_seqlens):
+            y, a = self._decode_step(h, retrieved, conv_state)
+        else:
+            v, k = _SplitKV.apply(self.kv_proj(retrieved), G, D)
+            y, a = self.gate(h, k, v, mask)
+            if self.short_conv is not None:
+                y = self.short_conv(y, residual=True, state=conv_state, cu_seqlens=cu_seqlens)
+            elif conv_state is not None:
+                raise ValueError("RetrievalAttention: `conv_state` was given, but this block has no short convolution")
         if single:
             y = y.squeeze(-2)
         return (y, a) if return_gate else y
+
+    def _fused_decode(
+        self,
+        h: torch.Tensor,
+        retrieved: torch.Tensor,
+        mask: torch.Tensor | None,
+        conv_state: torch.Tensor,
+        cu_seqlens: torch.Tensor | None,
+    ) -> bool:
+        """Whether this call is one token per sequence that the decode step operator takes whole."""
+        if not self.fused_decode or self.short_conv is None or h.shape[1] != 1:
+            return False
+        if mask is not None or cu_seqlens is not None:
+            return False
+        if h.device.type not in _DECODE_STEP_DEVICES or torch.is_autocast_enabled(h.device.type):
+            return False
+        if conv_state.dtype != h.dtype:  # the other path converts; the operator keeps the state's dtype as is
+            return False
+        # Inference only: the operator has no backward.
+        return not torch.is_grad_enabled() or not (
+            h.requires_grad or retrieved.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+
+    def _decode_step(
+        self, h: torch.Tensor, retrieved: torch.Tensor, conv_state: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y, a)`` of one token, ``h`` ``[B, 1, G, D]``, through ``decode_step``; updates ``conv_state``."""
+        G, D = self.num_branches, self.hidden_size
+        kv = self.kv_proj(retrieved)
+        conv = self.short_conv
+        return decode_step(
+            h,
+            kv[..., D:].unflatten(-1, (G, D)),
+            kv[..., :D],
+            self.gate.w_q,
+            self.gate.w_k,
+            conv.weight,
+            conv.norm_weight,
+            conv_state,
+            dilation=conv.dilation,
+            eps=self.gate.eps,
+            scale=self.gate.scale,
+            signed_sqrt=self.gate.signed_sqrt,
+            sqrt_clamp=self.gate.sqrt_clamp,
+            conv_eps=conv.eps,
+        )
 
     @torch.no_grad()
     def load_engram_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> None:

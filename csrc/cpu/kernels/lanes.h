@@ -180,6 +180,14 @@ struct Lanes {
   }
 };
 
+// SiLU(z), or SiLU'(z) = s * (1 + z * (1 - s)) with s = sigmoid(z): vectorized exp, as ATen's silu.
+template <bool kGrad, typename Vec>
+Vec silu_vec(const Vec& z) {
+  const Vec one(1);
+  const Vec s = one / (one + z.neg().exp_u20());
+  return kGrad ? s * (one + z * (one - s)) : z * s;
+}
+
 // Calls body(offset, count) over [0, D) in chunks of W: full chunks, then one ragged tail.
 template <int64_t W, typename Body>
 inline void for_each_chunk(int64_t D, const Body& body) {

@@ -132,14 +132,6 @@ struct ConvRows {
   }
 };
 
-// SiLU(z), or SiLU'(z) = s * (1 + z * (1 - s)) with s = sigmoid(z): vectorized exp, as ATen's silu.
-template <bool kGrad, typename Vec>
-Vec silu_vec(const Vec& z) {
-  const Vec one(1);
-  const Vec s = one / (one + z.neg().exp_u20());
-  return kGrad ? s * (one + z * (one - s)) : z * s;
-}
-
 template <typename scalar_t>
 void forward(const ShortConvCpuParams& p) {
   using R = ConvRows<scalar_t>;
