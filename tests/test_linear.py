@@ -109,6 +109,7 @@ def test_block_uses_the_operator_where_it_pays() -> None:
 
 
 def test_compiles_without_graph_break_or_recompile() -> None:
+    torch._dynamo.reset()  # the class's forward compiled by other tests would count as a recompile
     layer = _linear.Linear(24, 40)
     compiled = torch.compile(layer, fullgraph=True, dynamic=False)
     with torch._dynamo.config.patch(error_on_recompile=True):
