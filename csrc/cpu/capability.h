@@ -30,3 +30,18 @@ Kernels best_variant(const std::vector<Kernels>& variants) {
 }
 
 }  // namespace retrieval_attention::cpu
+
+// RA_CPU_VARIANTS(fn): a braced list of every compiled variant of the per-capability function
+// cpu::<CAPABILITY>::fn() (kernels/*.cpp), lowest first; the build's capability #ifdefs, written once.
+#ifdef RA_CPU_AVX2
+#define RA_CPU_VARIANT_AVX2(fn) , ::retrieval_attention::cpu::AVX2::fn()
+#else
+#define RA_CPU_VARIANT_AVX2(fn)
+#endif
+#ifdef RA_CPU_AVX512
+#define RA_CPU_VARIANT_AVX512(fn) , ::retrieval_attention::cpu::AVX512::fn()
+#else
+#define RA_CPU_VARIANT_AVX512(fn)
+#endif
+#define RA_CPU_VARIANTS(fn) \
+  { ::retrieval_attention::cpu::DEFAULT::fn() RA_CPU_VARIANT_AVX2(fn) RA_CPU_VARIANT_AVX512(fn) }

@@ -17,16 +17,8 @@ namespace retrieval_attention {
 namespace {
 
 const cpu::DecodeStepKernels& kernels() {
-  static const cpu::DecodeStepKernels selected = [] {
-    std::vector<cpu::DecodeStepKernels> variants{cpu::DEFAULT::decode_step_kernels()};
-#ifdef RA_CPU_AVX2
-    variants.push_back(cpu::AVX2::decode_step_kernels());
-#endif
-#ifdef RA_CPU_AVX512
-    variants.push_back(cpu::AVX512::decode_step_kernels());
-#endif
-    return cpu::best_variant(variants);
-  }();
+  static const cpu::DecodeStepKernels selected =
+      cpu::best_variant(std::vector<cpu::DecodeStepKernels> RA_CPU_VARIANTS(decode_step_kernels));
   return selected;
 }
 

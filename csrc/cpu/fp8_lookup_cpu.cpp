@@ -13,16 +13,8 @@ namespace retrieval_attention {
 namespace {
 
 const cpu::Fp8LookupKernels& kernels() {
-  static const cpu::Fp8LookupKernels selected = [] {
-    std::vector<cpu::Fp8LookupKernels> variants{cpu::DEFAULT::fp8_lookup_kernels()};
-#ifdef RA_CPU_AVX2
-    variants.push_back(cpu::AVX2::fp8_lookup_kernels());
-#endif
-#ifdef RA_CPU_AVX512
-    variants.push_back(cpu::AVX512::fp8_lookup_kernels());
-#endif
-    return cpu::best_variant(variants);
-  }();
+  static const cpu::Fp8LookupKernels selected =
+      cpu::best_variant(std::vector<cpu::Fp8LookupKernels> RA_CPU_VARIANTS(fp8_lookup_kernels));
   return selected;
 }
 

@@ -14,16 +14,7 @@ namespace cpu {
 namespace {
 
 // The compiled variants, lowest first.
-std::vector<GateKernels> gate_variants() {
-  std::vector<GateKernels> variants{DEFAULT::gate_kernels()};
-#ifdef RA_CPU_AVX2
-  variants.push_back(AVX2::gate_kernels());
-#endif
-#ifdef RA_CPU_AVX512
-  variants.push_back(AVX512::gate_kernels());
-#endif
-  return variants;
-}
+std::vector<GateKernels> gate_variants() { return std::vector<GateKernels> RA_CPU_VARIANTS(gate_kernels); }
 
 }  // namespace
 

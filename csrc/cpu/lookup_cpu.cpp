@@ -16,16 +16,8 @@ namespace retrieval_attention {
 namespace {
 
 const cpu::LookupKernels& kernels() {
-  static const cpu::LookupKernels selected = [] {
-    std::vector<cpu::LookupKernels> variants{cpu::DEFAULT::lookup_kernels()};
-#ifdef RA_CPU_AVX2
-    variants.push_back(cpu::AVX2::lookup_kernels());
-#endif
-#ifdef RA_CPU_AVX512
-    variants.push_back(cpu::AVX512::lookup_kernels());
-#endif
-    return cpu::best_variant(variants);
-  }();
+  static const cpu::LookupKernels selected =
+      cpu::best_variant(std::vector<cpu::LookupKernels> RA_CPU_VARIANTS(lookup_kernels));
   return selected;
 }
 

@@ -21,16 +21,8 @@ constexpr const char* kForwardOp = "retrieval_attention.short_conv";
 constexpr const char* kBackwardOp = "retrieval_attention.short_conv_backward";
 
 const cpu::ShortConvKernels& kernels() {
-  static const cpu::ShortConvKernels selected = [] {
-    std::vector<cpu::ShortConvKernels> variants{cpu::DEFAULT::short_conv_kernels()};
-#ifdef RA_CPU_AVX2
-    variants.push_back(cpu::AVX2::short_conv_kernels());
-#endif
-#ifdef RA_CPU_AVX512
-    variants.push_back(cpu::AVX512::short_conv_kernels());
-#endif
-    return cpu::best_variant(variants);
-  }();
+  static const cpu::ShortConvKernels selected =
+      cpu::best_variant(std::vector<cpu::ShortConvKernels> RA_CPU_VARIANTS(short_conv_kernels));
   return selected;
 }
 
