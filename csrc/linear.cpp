@@ -5,7 +5,9 @@
 #include <c10/util/Exception.h>
 
 namespace retrieval_attention {
+namespace {
 
+// The checks of both directions; they name the argument at fault.
 void check_linear(const char* op, const at::Tensor& x, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias) {
   TORCH_CHECK_VALUE(weight.dim() == 2, op, ": expected `weight` [out, in], but got a ", weight.dim(),
@@ -26,8 +28,11 @@ void check_linear(const char* op, const at::Tensor& x, const at::Tensor& weight,
   }
 }
 
+}  // namespace
+
 at::Tensor linear_with(MatmulNT mm_nt, const at::Tensor& x, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias) {
+  check_linear("retrieval_attention.linear", x, weight, bias);
   auto out_shape = x.sizes().vec();
   out_shape.back() = weight.size(0);
   return mm_nt(x.reshape({-1, x.size(-1)}), weight, bias).view(out_shape);
@@ -35,6 +40,7 @@ at::Tensor linear_with(MatmulNT mm_nt, const at::Tensor& x, const at::Tensor& we
 
 LinearGradients linear_backward_with(MatmulNT mm_nt, const at::Tensor& grad_y, const at::Tensor& x,
                                      const at::Tensor& weight, std::array<bool, 3> output_mask) {
+  check_linear("retrieval_attention.linear_backward", x, weight, std::nullopt);
   auto grad_shape = x.sizes().vec();
   grad_shape.back() = weight.size(0);
   TORCH_CHECK_VALUE(grad_y.sizes() == at::IntArrayRef(grad_shape),

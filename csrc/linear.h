@@ -21,10 +21,8 @@ namespace retrieval_attention {
 
 using LinearGradients = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // grad_x, grad_weight, grad_bias
 
-// The shape checks both directions and every backend share; they name the argument at fault.
-void check_linear(const char* op, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
-
-// Both directions on top of a backend's a @ b^T (+ bias) for 2-D a [m, k] and b [n, k] of any strides.
+// Both directions, their checks included, on top of a backend's a @ b^T (+ bias) for 2-D a [m, k] and
+// b [n, k] of any strides.
 using MatmulNT = at::Tensor (*)(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& bias);
 at::Tensor linear_with(MatmulNT mm_nt, const at::Tensor& x, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias);

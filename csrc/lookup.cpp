@@ -1,6 +1,7 @@
 // The lookup's checks, shared by every backend (csrc/lookup.h).
 #include "lookup.h"
 
+#include <ATen/ops/index_select.h>
 #include <c10/util/Exception.h>
 
 namespace retrieval_attention {
@@ -20,6 +21,12 @@ void check_lookup(const char* op, const at::Tensor& weight_or_grad, const at::Te
   } else {
     TORCH_CHECK_VALUE(weight_or_grad.dim() == 2, op, ": expected `weight` [R, dim], but got ", weight_or_grad.sizes());
   }
+}
+
+at::Tensor gather_rows(const at::Tensor& weight, const at::Tensor& indices) {
+  auto shape = indices.sizes().vec();
+  shape.push_back(weight.size(1));
+  return at::index_select(weight, 0, indices.reshape({-1})).view(shape);
 }
 
 }  // namespace retrieval_attention

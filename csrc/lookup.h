@@ -18,6 +18,9 @@ namespace retrieval_attention {
 // The checks every backend shares; they name the argument at fault.
 void check_lookup(const char* op, const at::Tensor& weight_or_grad, const at::Tensor& indices, bool is_grad);
 
+// weight's rows at the flattened indices, in the shape [..., dim] (after the backend's checks).
+at::Tensor gather_rows(const at::Tensor& weight, const at::Tensor& indices);
+
 at::Tensor lookup_cpu(const at::Tensor& weight, const at::Tensor& indices);
 at::Tensor lookup_backward_cpu(const at::Tensor& grad, const at::Tensor& indices, int64_t num_rows);
 

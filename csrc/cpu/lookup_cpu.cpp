@@ -2,7 +2,6 @@
 // the indices sorted once (stable), and the backward kernel of the best SIMD capability.
 #include <ATen/ops/aminmax.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/index_select.h>
 #include <ATen/ops/sort.h>
 #include <torch/library.h>
 
@@ -37,11 +36,8 @@ void check_in_range(const char* op, const at::Tensor& flat, int64_t num_rows) {
 at::Tensor lookup_cpu(const at::Tensor& weight, const at::Tensor& indices) {
   constexpr const char* kOp = "retrieval_attention.lookup";
   check_lookup(kOp, weight, indices, false);
-  const at::Tensor flat = indices.reshape({-1});
-  check_in_range(kOp, flat, weight.size(0));
-  auto shape = indices.sizes().vec();
-  shape.push_back(weight.size(1));
-  return at::index_select(weight, 0, flat).view(shape);
+  check_in_range(kOp, indices.reshape({-1}), weight.size(0));
+  return gather_rows(weight, indices);
 }
 
 at::Tensor lookup_backward_cpu(const at::Tensor& grad, const at::Tensor& indices, int64_t num_rows) {

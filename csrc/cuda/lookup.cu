@@ -2,7 +2,6 @@
 // backward (no atomics: deterministic), on the current stream. Indices are not range-checked on
 // the host (that would synchronize); ATen's kernels assert on the device.
 #include <ATen/ops/embedding_dense_backward.h>
-#include <ATen/ops/index_select.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -14,9 +13,7 @@ namespace {
 at::Tensor lookup_cuda(const at::Tensor& weight, const at::Tensor& indices) {
   check_lookup("retrieval_attention.lookup", weight, indices, false);
   const c10::cuda::CUDAGuard guard(weight.device());
-  auto shape = indices.sizes().vec();
-  shape.push_back(weight.size(1));
-  return at::index_select(weight, 0, indices.reshape({-1})).view(shape);
+  return gather_rows(weight, indices);
 }
 
 at::Tensor lookup_backward_cuda(const at::Tensor& grad, const at::Tensor& indices, int64_t num_rows) {
